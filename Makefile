@@ -1,0 +1,47 @@
+# Every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export RAY_AUTH_MODE ?= disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install test test-fast lint format lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+# The whole suite, heavy markers included (CI runs exactly this).
+test: install
+	$(BIN)/python -m pytest
+
+# Skip the slow checks while iterating.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check knet pipelines tests benchmarks
+	$(BIN)/ruff format --check knet pipelines tests benchmarks
+
+format: install
+	$(BIN)/ruff format knet pipelines tests benchmarks
+	$(BIN)/ruff check --fix knet pipelines tests benchmarks
+
+# Re-resolve the pinned set from requirements/top.txt into requirements/constraints.txt.
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
+	.lockvenv/bin/python -m pip install --quiet --upgrade pip
+	.lockvenv/bin/python -m pip install --quiet -c requirements/top.txt -e '.[dev]'
+	{ head -3 requirements/constraints.txt; .lockvenv/bin/pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/constraints.new
+	mv requirements/constraints.new requirements/constraints.txt && rm -rf .lockvenv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

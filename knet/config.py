@@ -1,0 +1,343 @@
+"""One typed configuration tree: ``params.yaml`` -> :func:`load_config` -> frozen dataclasses.
+
+Every section of ``params.yaml`` mirrors one dataclass below. Loading is strict: an unknown key,
+a missing section value of the wrong type, or a value outside its range raises
+:class:`ConfigError` naming the dotted key (``model.num_stagse is not a known key; did you mean
+model.num_stages?``). Overrides use the same dotted keys (``--set model.num_stages=4``); their
+values are parsed as YAML, so ``--set data.min_size=[96,128]`` gives a list.
+
+Class counts are deliberately absent: the thing/stuff split and the class names come from the
+dataset's categories and are passed to :func:`knet.model.build_model` next to ``cfg.model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Task = Literal["panoptic", "instance", "semantic"]
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the config tree; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Images as the model sees them (spec §4.4 / §5.2)."""
+
+    # Shorter-side range for training resizes; one value = fixed size, two = uniform range.
+    min_size: tuple[int, ...] = (800,)
+    # Longer side never exceeds this after resizing (aspect ratio is kept).
+    max_size: int = 1333
+    # Shorter side at test time.
+    test_size: int = 800
+    # Probability of a horizontal flip in training.
+    flip_prob: float = 0.5
+    # Images are padded (bottom/right) to a multiple of this; 32 keeps every FPN level aligned.
+    size_divisor: int = 32
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """ResNet backbone with torchvision parameter names (spec §2.1)."""
+
+    # ResNet depth: 18, 34, 50 or 101.
+    depth: int = 50
+    # Width of the first stage; 64 is torchvision's ResNet, smaller gives a tiny CPU model.
+    base_channels: int = 64
+    # Local path to a torchvision ImageNet state dict; None = random initialisation.
+    weights: str | None = None
+    # 1 freezes the stem and stage 1 (official setting); 0 freezes nothing.
+    frozen_stages: int = 1
+    # Keep BatchNorm statistics frozen (eval mode) during training.
+    norm_eval: bool = True
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Inference settings (spec §6)."""
+
+    # Instance results kept per image: top-k over (kernel, class) pairs.
+    max_per_image: int = 100
+    # Probability threshold that binarises a mask.
+    mask_threshold: float = 0.5
+    # Panoptic merge: thing kernels scoring below this are dropped.
+    instance_score_threshold: float = 0.3
+    # Panoptic merge: a kernel keeps its pixels only if it owns this fraction of its own mask.
+    overlap_threshold: float = 0.6
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The K-Net model (spec §2-§3, §10)."""
+
+    task: Task = "panoptic"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # Channels of the FPN levels, the fused stride-8 map, kernels and attention (C).
+    channels: int = 256
+    # Groups of every GroupNorm in the semantic FPN fuser.
+    num_groups: int = 32
+    # Learned instance ("thing") kernels N; semantic models use one kernel per class instead.
+    num_kernels: int = 100
+    # Kernel update rounds (separate weights per round).
+    num_stages: int = 3
+    # Attention heads in kernel interaction.
+    num_heads: int = 8
+    # Hidden width of the kernel-interaction FFN.
+    ffn_channels: int = 2048
+    # Standard deviation of the initial thing kernels.
+    kernel_init_std: float = 1.0
+    # Sigmoid threshold of the hard masks that assemble group features.
+    hard_mask_threshold: float = 0.5
+    # Official code sums group features over the mask; True divides by the mask area instead
+    # (bounded magnitudes, friendlier to low precision). Off by default for faithfulness.
+    normalize_group_features: bool = False
+    # Dropout before the semantic classifier (semantic task only; mmseg decode heads use 0.1).
+    semantic_dropout: float = 0.1
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and matcher costs (spec §4.1-§4.2, §5.2)."""
+
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    rank_weight: float = 0.1
+    # Stage-0 semantic focal loss (instance / panoptic).
+    seg_weight: float = 1.0
+    # Semantic task: cross-entropy weight of every stage.
+    semantic_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    match_cls_cost: float = 2.0
+    match_dice_cost: float = 4.0
+    match_mask_cost: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a step schedule and linear warm-up (spec §4.4)."""
+
+    lr: float = 1.0e-4
+    weight_decay: float = 0.05
+    # Learning-rate multiplier of the backbone parameters.
+    backbone_lr_mult: float = 0.25
+    # Gradient L2-norm clip; 0 disables clipping.
+    clip_grad_norm: float = 1.0
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    # Epochs after which the learning rate is multiplied by ``lr_gamma``.
+    lr_steps: tuple[int, ...] = (8, 11)
+    lr_gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop settings."""
+
+    epochs: int = 12
+    # Images per worker.
+    batch_size: int = 2
+    seed: int = 0
+    # bf16 autocast on CUDA; ignored on CPU.
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole tree, one attribute per ``params.yaml`` section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) that :func:`config_from_dict` reads back."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config (for lineage tags and run names)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Value ranges checked after type conversion: dotted key -> (low, high), inclusive.
+_RANGES: dict[str, tuple[float, float]] = {
+    "model.num_kernels": (1, 300),
+    "model.num_stages": (1, 6),
+    "model.num_heads": (1, 64),
+    "model.channels": (8, 4096),
+    "model.hard_mask_threshold": (0.0, 1.0),
+    "model.semantic_dropout": (0.0, 1.0),
+    "model.backbone.frozen_stages": (-1, 4),
+    "model.postprocess.max_per_image": (1, 10000),
+    "model.postprocess.mask_threshold": (0.0, 1.0),
+    "model.postprocess.instance_score_threshold": (0.0, 1.0),
+    "model.postprocess.overlap_threshold": (0.0, 1.0),
+    "data.flip_prob": (0.0, 1.0),
+    "data.size_divisor": (1, 1024),
+    "train.epochs": (1, 100000),
+    "train.batch_size": (1, 4096),
+    "optim.lr": (0.0, 10.0),
+    "optim.warmup_ratio": (0.0, 1.0),
+}
+_CHOICES: dict[str, tuple[int, ...]] = {"model.backbone.depth": (18, 34, 50, 101)}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read ``params.yaml`` (or defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value; the message names the key
+            and, for a file, the file.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"params file {path} does not exist") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML) inside nested ``data`` in place."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {err}") from None
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain data, strictly (see :func:`load_config`)."""
+    return _build(Config, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+            raise ConfigError(f"{dotted} is not a known key{hint}")
+    values = {}
+    for name in fields:
+        if name in data:
+            values[name] = _convert(hints[name], data[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(hint)
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(items))
+    return _check_range(key, _convert_scalar(hint, value, key))
+
+
+def _convert_scalar(hint: type, value: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - guards against a new field type nobody taught the loader
+        raise TypeError(f"config field {key} has unsupported type {hint}")
+    raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_range(key: str, value: Any) -> Any:
+    base = key.split("[")[0]
+    if base in _RANGES:
+        low, high = _RANGES[base]
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be between {low} and {high}; got {value!r}")
+    if base in _CHOICES and value not in _CHOICES[base]:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, _CHOICES[base]))}; got {value}")
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value

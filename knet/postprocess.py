@@ -1,0 +1,175 @@
+"""From the last round's logits to segmentations (spec §6). Pure functions on tensors.
+
+Letters: N kernels (thing kernels, then stuff kernels for panoptic), T thing classes,
+K classes, h, w the stride-8 size, H, W the output (original image) size.
+Sizes: ``input_size`` is the padded network input (Hp, Wp), ``image_size`` the resized image
+inside it before padding, ``output_size`` the original image size the results are given at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from knet.config import PostprocessConfig
+from knet.model import KNetOutput
+
+Size = tuple[int, int]
+
+
+@dataclass
+class InstanceResult:
+    masks: Tensor  # (k, H, W) bool
+    labels: Tensor  # (k,) int64 thing training ids
+    scores: Tensor  # (k,) float, class score only (no mask rescoring, as in the official code)
+
+
+@dataclass
+class Segment:
+    id: int  # value of this segment in PanopticResult.segment_map, from 1
+    label: int  # training id
+    is_thing: bool
+    score: float
+    area: int
+
+
+@dataclass
+class PanopticResult:
+    segment_map: Tensor  # (H, W) int32 segment ids, 0 = void (no segment)
+    segments: list[Segment]
+
+
+def resize_to_image(maps: Tensor, input_size: Size, image_size: Size, output_size: Size) -> Tensor:
+    """(N, h, w) -> (N, H, W): bilinear to the padded input, crop the padding, bilinear again."""
+    maps = F.interpolate(maps[None].float(), size=input_size, mode="bilinear", align_corners=False)
+    maps = maps[..., : image_size[0], : image_size[1]]
+    if tuple(maps.shape[-2:]) != tuple(output_size):
+        maps = F.interpolate(maps, size=output_size, mode="bilinear", align_corners=False)
+    return maps[0]
+
+
+def _mask_probs(mask_logits: Tensor, input_size: Size, image_size: Size, output_size: Size) -> Tensor:
+    """Stride-8 logits -> x2 (stride 4, as in training) -> sigmoid -> original size. (N, H, W)."""
+    up = F.interpolate(mask_logits[None].float(), scale_factor=2.0, mode="bilinear",
+                       align_corners=False)[0]  # (N, 2h, 2w)
+    return resize_to_image(up.sigmoid(), input_size, image_size, output_size)
+
+
+def instance_postprocess(
+    cls_logits: Tensor,
+    mask_logits: Tensor,
+    num_thing_classes: int,
+    input_size: Size,
+    image_size: Size,
+    output_size: Size,
+    cfg: PostprocessConfig,
+) -> InstanceResult:
+    """Top-k over (kernel, class) pairs, class score only, masks binarised, no NMS (spec §6.1).
+
+    Args:
+        cls_logits: (N, K) of the thing kernels. mask_logits: (N, h, w).
+    """
+    scores = cls_logits[:, :num_thing_classes].float().sigmoid()  # (N, T)
+    k = min(cfg.max_per_image, scores.numel())
+    top_scores, flat = scores.flatten().topk(k)  # (k,)
+    kernels = flat // num_thing_classes
+    labels = flat % num_thing_classes
+    probs = _mask_probs(mask_logits[kernels], input_size, image_size, output_size)  # (k, H, W)
+    return InstanceResult(probs > cfg.mask_threshold, labels, top_scores)
+
+
+def panoptic_postprocess(
+    cls_logits: Tensor,
+    mask_logits: Tensor,
+    num_thing_classes: int,
+    num_stuff_classes: int,
+    input_size: Size,
+    image_size: Size,
+    output_size: Size,
+    cfg: PostprocessConfig,
+) -> PanopticResult:
+    """Score-weighted argmax merge with the overlap filter (spec §6.2), without a Python loop.
+
+    Args:
+        cls_logits: (N, K), thing kernels then the S stuff kernels. mask_logits: (N, h, w).
+    """
+    num_kernels = cls_logits.shape[0]
+    num_things = num_kernels - num_stuff_classes
+    probs = cls_logits.float().sigmoid()  # (N, K)
+    scores, labels = probs[:num_things, :num_thing_classes].max(dim=1)  # (N_thing,)
+    if num_stuff_classes:
+        stuff = torch.arange(num_stuff_classes, device=probs.device)
+        scores = torch.cat([scores, probs[num_things + stuff, num_thing_classes + stuff]])
+        labels = torch.cat([labels, num_thing_classes + stuff])
+    masks = _mask_probs(mask_logits, input_size, image_size, output_size)  # (N, H, W)
+    owner = (scores[:, None, None] * masks).argmax(dim=0)  # (H, W) kernel index
+    area = torch.bincount(owner.flatten(), minlength=num_kernels)  # (N,)
+    original_area = (masks >= cfg.mask_threshold).flatten(1).sum(1)  # (N,)
+    is_thing = torch.arange(num_kernels, device=probs.device) < num_things
+    # Every pixel has one owner, so the official sequential visit (descending score) keeps
+    # exactly these kernels; the order only decides the segment ids.
+    keep = (~is_thing | (scores >= cfg.instance_score_threshold))
+    keep &= (area > 0) & (original_area > 0)
+    keep &= area >= cfg.overlap_threshold * original_area
+    order = torch.argsort(scores, descending=True, stable=True)
+    kept = order[keep[order]]  # kernel indices, best first
+    segment_of_kernel = torch.zeros(num_kernels, dtype=torch.int32, device=probs.device)
+    segment_of_kernel[kept] = torch.arange(1, len(kept) + 1, dtype=torch.int32,
+                                           device=probs.device)
+    segment_map = segment_of_kernel[owner]  # (H, W)
+    segments = [
+        Segment(id=i + 1, label=int(labels[k]), is_thing=bool(is_thing[k]),
+                score=float(scores[k]), area=int(area[k]))
+        for i, k in enumerate(kept.tolist())
+    ]
+    return PanopticResult(segment_map, segments)
+
+
+def semantic_postprocess(
+    mask_logits: Tensor, input_size: Size, image_size: Size, output_size: Size
+) -> Tensor:
+    """Argmax over the class logits (K, h, w) at the original size -> (H, W) int64 class ids."""
+    return resize_to_image(mask_logits, input_size, image_size, output_size).argmax(dim=0)
+
+
+def postprocess(
+    outputs: KNetOutput,
+    task: str,
+    num_thing_classes: int,
+    num_stuff_classes: int,
+    image_sizes: list[Size],
+    output_sizes: list[Size],
+    cfg: PostprocessConfig,
+) -> list[InstanceResult] | list[PanopticResult] | list[Tensor]:
+    """Results for every image of a batch from the model's last round.
+
+    ``task`` may differ from the model's own: a panoptic model also gives instance results
+    from its thing kernels. Semantic models only give semantic results.
+    """
+    last = outputs.last
+    input_size = (last.mask_logits.shape[-2] * 8, last.mask_logits.shape[-1] * 8)
+    results = []
+    for b, (image_size, output_size) in enumerate(zip(image_sizes, output_sizes, strict=True)):
+        if task == "semantic":
+            if last.cls_logits is not None:
+                raise ValueError("semantic results need a semantic model (model.task=semantic)")
+            results.append(semantic_postprocess(last.mask_logits[b], input_size, image_size,
+                                                output_size))
+            continue
+        if last.cls_logits is None:
+            raise ValueError(f"{task} results need an instance or panoptic model")
+        if task == "panoptic":
+            results.append(panoptic_postprocess(
+                last.cls_logits[b], last.mask_logits[b], num_thing_classes, num_stuff_classes,
+                input_size, image_size, output_size, cfg))
+        elif task == "instance":
+            num_things = last.cls_logits.shape[1] - num_stuff_classes
+            results.append(instance_postprocess(
+                last.cls_logits[b, :num_things], last.mask_logits[b, :num_things],
+                num_thing_classes, input_size, image_size, output_size, cfg))
+        else:
+            raise ValueError(f"unknown task {task!r}; expected panoptic, instance or semantic")
+    return results
