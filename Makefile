@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test test-fast lint format lock clean
+.PHONY: install test test-fast lint format lock clean bench
 
 install: $(STAMP)
 
@@ -45,3 +45,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Speed and memory of one training step (tiny default and R-50 preset); prints a table.
+bench: install
+	$(BIN)/python -m benchmarks

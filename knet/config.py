@@ -316,6 +316,12 @@ def _convert_scalar(hint: type, value: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -331,7 +337,9 @@ def _check_range(key: str, value: Any) -> Any:
         if not low <= value <= high:
             raise ConfigError(f"{key} must be between {low} and {high}; got {value!r}")
     if base in _CHOICES and value not in _CHOICES[base]:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, _CHOICES[base]))}; got {value}")
+        raise ConfigError(
+            f"{key} must be one of {', '.join(map(str, _CHOICES[base]))}; got {value}"
+        )
     return value
 
 

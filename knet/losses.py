@@ -84,9 +84,31 @@ class KNetCriterion:
         )
 
     def __call__(self, outputs: KNetOutput, targets: list[Targets]) -> dict[str, Tensor]:
+        self._check_targets(outputs, targets)
         if self.task == "semantic":
             return self.semantic_losses(outputs, targets)
         return self.kernel_losses(outputs, targets)
+
+    def _check_targets(self, outputs: KNetOutput, targets: list[Targets]) -> None:
+        """Fail with the image index instead of an opaque indexing error deep in a loss."""
+        batch = outputs.stages[0].mask_logits.shape[0]
+        if len(targets) != batch:
+            raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
+        if self.task == "semantic":
+            return
+        num_classes = self.num_thing_classes + self.num_stuff_classes
+        size = tuple(2 * v for v in outputs.stages[0].mask_logits.shape[-2:])
+        for b, t in enumerate(targets):
+            if len(t.labels) and (t.labels.min() < 0 or t.labels.max() >= num_classes):
+                raise ValueError(
+                    f"image {b} of the batch has label {int(t.labels.max())} outside the "
+                    f"{num_classes} {self.task} training ids [0, {num_classes})"
+                )
+            if len(t.labels) != len(t.masks) or tuple(t.masks.shape[-2:]) != size:
+                raise ValueError(
+                    f"image {b} of the batch has masks {tuple(t.masks.shape)} for "
+                    f"{len(t.labels)} labels; expected (G, {size[0]}, {size[1]}) at stride 4"
+                )
 
     # ---------------------------------------------------------------- instance / panoptic
 
@@ -115,22 +137,32 @@ class KNetCriterion:
             matches = self.matcher(
                 prev_masks[:, :num_thing_kernels], prev_thing_cls, thing_masks, thing_labels
             )
-            self._stage_losses(losses, f"s{s}", masks, stage.cls_logits, matches,
-                               thing_masks, thing_labels, stuff, avg_factor)
+            self._stage_losses(
+                losses,
+                f"s{s}",
+                masks,
+                stage.cls_logits,
+                matches,
+                thing_masks,
+                thing_labels,
+                stuff,
+                avg_factor,
+            )
             prev_masks, prev_cls = masks.detach(), stage.cls_logits.detach()
         return losses
 
     def _stuff_targets(
         self, targets: list[Targets], things: list[Tensor]
     ) -> tuple[Tensor, Tensor] | None:
-        """Fixed assignment of stuff kernel j to stuff class T + j: maps (B, S, h, w), present (B, S)."""
+        """Stuff kernel j <-> stuff class T + j (fixed): maps (B, S, h, w), present (B, S)."""
         if not self.num_stuff_classes:
             return None
         first = targets[0].masks
         size = first.shape[-2:]
         maps = first.new_zeros((len(targets), self.num_stuff_classes, *size), dtype=torch.float32)
-        present = torch.zeros(len(targets), self.num_stuff_classes, dtype=torch.bool,
-                              device=first.device)
+        present = torch.zeros(
+            len(targets), self.num_stuff_classes, dtype=torch.bool, device=first.device
+        )
         for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
             slots = t.labels[~keep] - self.num_thing_classes  # (S_b,)
             maps[b, slots] = t.masks[~keep].float()
@@ -198,8 +230,9 @@ class KNetCriterion:
         batch_idx = torch.cat(batch_idx)
         kernel_idx = torch.cat(kernel_idx)
         pos_targets = torch.cat(target_list)  # (M, P)
-        focal = sigmoid_focal_loss(cls_logits.float(), cls_targets, cfg.focal_alpha,
-                                   cfg.focal_gamma)
+        focal = sigmoid_focal_loss(
+            cls_logits.float(), cls_targets, cfg.focal_alpha, cfg.focal_gamma
+        )
         losses[f"{name}.cls"] = cfg.cls_weight * (focal * cls_weights).sum() / avg_factor
         pred = masks[batch_idx, kernel_idx].flatten(1)  # (M, P)
         losses[f"{name}.mask"] = cfg.mask_weight * _bce_or_zero(pred, pos_targets, masks)
@@ -212,8 +245,12 @@ class KNetCriterion:
         """Stage-0 sigmoid focal on the dense classifier vs painted ground truth labels."""
         logits = upsample2x(semantic_logits).float()  # (B, K, h, w)
         num_classes = logits.shape[1]
-        labels = torch.full((logits.shape[0], *logits.shape[-2:]), num_classes,
-                            dtype=torch.int64, device=logits.device)  # (B, h, w), K = background
+        labels = torch.full(
+            (logits.shape[0], *logits.shape[-2:]),
+            num_classes,
+            dtype=torch.int64,
+            device=logits.device,
+        )  # (B, h, w), K = background
         for b, t in enumerate(targets):
             # Things first, then stuff: later segments overwrite earlier ones.
             order = torch.argsort((t.labels >= self.num_thing_classes).int(), stable=True)
@@ -235,8 +272,12 @@ class KNetCriterion:
         labels = torch.stack([t.semantic for t in targets])  # (B, H, W)
         losses = {}
         for s, stage in enumerate(outputs.stages):
-            logits = F.interpolate(stage.mask_logits.float(), size=labels.shape[-2:],
-                                   mode="bilinear", align_corners=False)  # (B, K, H, W)
+            logits = F.interpolate(
+                stage.mask_logits.float(),
+                size=labels.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )  # (B, K, H, W)
             ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="sum")
             # mmseg 0.x averaging: ignored pixels count in the mean.
             losses[f"s{s}.ce"] = self.cfg.semantic_weight * ce / labels.numel()

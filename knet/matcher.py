@@ -64,8 +64,9 @@ class HungarianMatcher:
                 matches.append((empty, empty.clone()))
                 continue
             rows, cols = linear_sum_assignment(cost[b, :, :num_gt].numpy())
-            matches.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
+            matches.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
         return matches
 
     def cost_matrix(
@@ -90,14 +91,19 @@ class HungarianMatcher:
         overlap = torch.einsum("bnp,bgp->bng", probs, targets)  # sum p*t, (B, N, G)
         cost = probs.new_zeros(batch, num_kernels, num_gt)
         if self.dice_cost:
-            denominator = (probs.pow(2).sum(-1)[:, :, None] + self.eps
-                           + targets.pow(2).sum(-1)[:, None, :] + self.eps)  # (B, N, G)
+            denominator = (
+                probs.pow(2).sum(-1)[:, :, None]
+                + self.eps
+                + targets.pow(2).sum(-1)[:, None, :]
+                + self.eps
+            )  # (B, N, G)
             cost = cost - self.dice_cost * 2 * overlap / denominator
         if self.mask_cost:
             # Linear "soft pixel accuracy": sum p*t + sum (1-p)(1-t), expanded to reuse overlap.
             num_pixels = probs.shape[-1]
-            agreement = (2 * overlap + num_pixels - probs.sum(-1)[:, :, None]
-                         - targets.sum(-1)[:, None, :])  # (B, N, G)
+            agreement = (
+                2 * overlap + num_pixels - probs.sum(-1)[:, :, None] - targets.sum(-1)[:, None, :]
+            )  # (B, N, G)
             cost = cost - self.mask_cost * agreement / num_pixels
         if cls_logits is not None and self.cls_cost:
             cost = cost + self.cls_cost * self._focal_cost(cls_logits, labels)

@@ -51,10 +51,13 @@ def resize_to_image(maps: Tensor, input_size: Size, image_size: Size, output_siz
     return maps[0]
 
 
-def _mask_probs(mask_logits: Tensor, input_size: Size, image_size: Size, output_size: Size) -> Tensor:
+def _mask_probs(
+    mask_logits: Tensor, input_size: Size, image_size: Size, output_size: Size
+) -> Tensor:
     """Stride-8 logits -> x2 (stride 4, as in training) -> sigmoid -> original size. (N, H, W)."""
-    up = F.interpolate(mask_logits[None].float(), scale_factor=2.0, mode="bilinear",
-                       align_corners=False)[0]  # (N, 2h, 2w)
+    up = F.interpolate(
+        mask_logits[None].float(), scale_factor=2.0, mode="bilinear", align_corners=False
+    )[0]  # (N, 2h, 2w)
     return resize_to_image(up.sigmoid(), input_size, image_size, output_size)
 
 
@@ -111,18 +114,22 @@ def panoptic_postprocess(
     is_thing = torch.arange(num_kernels, device=probs.device) < num_things
     # Every pixel has one owner, so the official sequential visit (descending score) keeps
     # exactly these kernels; the order only decides the segment ids.
-    keep = (~is_thing | (scores >= cfg.instance_score_threshold))
+    keep = ~is_thing | (scores >= cfg.instance_score_threshold)
     keep &= (area > 0) & (original_area > 0)
     keep &= area >= cfg.overlap_threshold * original_area
     order = torch.argsort(scores, descending=True, stable=True)
     kept = order[keep[order]]  # kernel indices, best first
     segment_of_kernel = torch.zeros(num_kernels, dtype=torch.int32, device=probs.device)
-    segment_of_kernel[kept] = torch.arange(1, len(kept) + 1, dtype=torch.int32,
-                                           device=probs.device)
+    segment_of_kernel[kept] = torch.arange(1, len(kept) + 1, dtype=torch.int32, device=probs.device)
     segment_map = segment_of_kernel[owner]  # (H, W)
     segments = [
-        Segment(id=i + 1, label=int(labels[k]), is_thing=bool(is_thing[k]),
-                score=float(scores[k]), area=int(area[k]))
+        Segment(
+            id=i + 1,
+            label=int(labels[k]),
+            is_thing=bool(is_thing[k]),
+            score=float(scores[k]),
+            area=int(area[k]),
+        )
         for i, k in enumerate(kept.tolist())
     ]
     return PanopticResult(segment_map, segments)
@@ -156,20 +163,38 @@ def postprocess(
         if task == "semantic":
             if last.cls_logits is not None:
                 raise ValueError("semantic results need a semantic model (model.task=semantic)")
-            results.append(semantic_postprocess(last.mask_logits[b], input_size, image_size,
-                                                output_size))
+            results.append(
+                semantic_postprocess(last.mask_logits[b], input_size, image_size, output_size)
+            )
             continue
         if last.cls_logits is None:
             raise ValueError(f"{task} results need an instance or panoptic model")
         if task == "panoptic":
-            results.append(panoptic_postprocess(
-                last.cls_logits[b], last.mask_logits[b], num_thing_classes, num_stuff_classes,
-                input_size, image_size, output_size, cfg))
+            results.append(
+                panoptic_postprocess(
+                    last.cls_logits[b],
+                    last.mask_logits[b],
+                    num_thing_classes,
+                    num_stuff_classes,
+                    input_size,
+                    image_size,
+                    output_size,
+                    cfg,
+                )
+            )
         elif task == "instance":
             num_things = last.cls_logits.shape[1] - num_stuff_classes
-            results.append(instance_postprocess(
-                last.cls_logits[b, :num_things], last.mask_logits[b, :num_things],
-                num_thing_classes, input_size, image_size, output_size, cfg))
+            results.append(
+                instance_postprocess(
+                    last.cls_logits[b, :num_things],
+                    last.mask_logits[b, :num_things],
+                    num_thing_classes,
+                    input_size,
+                    image_size,
+                    output_size,
+                    cfg,
+                )
+            )
         else:
             raise ValueError(f"unknown task {task!r}; expected panoptic, instance or semantic")
     return results

@@ -172,7 +172,7 @@ class KernelUpdator(nn.Module):
         self.fc_norm = nn.LayerNorm(c)
 
     def forward(self, group_features: Tensor, kernels: Tensor) -> Tensor:
-        """Args: group_features F^K (B, N, C), kernels K (B, N, C). Returns new kernels (B, N, C)."""
+        """Args: group features F^K (B, N, C), kernels K (B, N, C). Returns kernels (B, N, C)."""
         a_in, a_out = self.dynamic_layer(group_features).chunk(2, dim=-1)  # 2 x (B, N, C)
         b_in, b_out = self.input_layer(kernels).chunk(2, dim=-1)  # 2 x (B, N, C)
         gate_features = a_in * b_in  # F^G
@@ -211,8 +211,9 @@ class KernelUpdateHead(nn.Module):
         self.updator = KernelUpdator(c)
         self.attention = nn.MultiheadAttention(c, num_heads, dropout=0.0, batch_first=True)
         self.attention_norm = nn.LayerNorm(c)
-        self.ffn = nn.Sequential(nn.Linear(c, ffn_channels), nn.ReLU(inplace=True),
-                                 nn.Linear(ffn_channels, c))
+        self.ffn = nn.Sequential(
+            nn.Linear(c, ffn_channels), nn.ReLU(inplace=True), nn.Linear(ffn_channels, c)
+        )
         self.ffn_norm = nn.LayerNorm(c)
         self.cls_fc = _fc_ln_relu(c) if num_classes else None
         self.cls_logits = nn.Linear(c, num_classes) if num_classes else None

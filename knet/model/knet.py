@@ -96,6 +96,19 @@ class KNet(nn.Module):
             stages.append(StageOutput(masks, cls_logits))
         return KNetOutput(stages=stages, semantic_logits=semantic_logits)
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component (every parameter, trainable or frozen), plus ``total``."""
+        parts = {
+            "backbone": self.backbone,
+            "fpn": self.fpn,
+            "fuser": self.fuser,
+            "kernel_head": self.kernel_head,
+            **{f"update_head.{i}": head for i, head in enumerate(self.update_heads)},
+        }
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split into ``backbone`` and ``head`` (for the lr multiplier)."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
