@@ -184,7 +184,8 @@ class KNetCriterion:
         losses["s0.mask"] = cfg.mask_weight * _bce_or_zero(pred, pos_targets, masks)
         losses["s0.dice"] = cfg.dice_weight * _dice_or_zero(pred, pos_targets, masks)
         if semantic_logits is not None and cfg.seg_weight:
-            losses["s0.seg"] = cfg.seg_weight * self._dense_focal(semantic_logits, targets)
+            labels = self._dense_labels(semantic_logits, targets, things, matches)
+            losses["s0.seg"] = cfg.seg_weight * self._dense_focal(semantic_logits, labels)
         if self.task == "panoptic" and cfg.rank_weight:
             rank = _rank_targets(masks.shape, batch_idx, kernel_idx, pos_targets)
             losses["s0.rank"] = cfg.rank_weight * rank_loss(masks, rank)
@@ -241,22 +242,42 @@ class KNetCriterion:
             rank = _rank_targets(masks.shape, batch_idx, kernel_idx, pos_targets)
             losses[f"{name}.rank"] = cfg.rank_weight * rank_loss(masks, rank)
 
-    def _dense_focal(self, semantic_logits: Tensor, targets: list[Targets]) -> Tensor:
-        """Stage-0 sigmoid focal on the dense classifier vs painted ground truth labels."""
-        logits = upsample2x(semantic_logits).float()  # (B, K, h, w)
-        num_classes = logits.shape[1]
+    def _dense_labels(
+        self,
+        semantic_logits: Tensor,
+        targets: list[Targets],
+        things: list[Tensor],
+        matches: list[tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        """Per-pixel stage-0 labels (B, h, w): stuff first, then the matched things over it.
+
+        As the official ``_get_target_single``: any pixel a (soft) mask touches (> 0) is
+        painted; unmatched things stay background (index K).
+        """
+        num_classes = semantic_logits.shape[1]
+        batch, _, height, width = semantic_logits.shape
         labels = torch.full(
-            (logits.shape[0], *logits.shape[-2:]),
+            (batch, 2 * height, 2 * width),
             num_classes,
             dtype=torch.int64,
-            device=logits.device,
-        )  # (B, h, w), K = background
-        for b, t in enumerate(targets):
-            # Things first, then stuff: later segments overwrite earlier ones.
-            order = torch.argsort((t.labels >= self.num_thing_classes).int(), stable=True)
-            keep = t.labels[order] < num_classes
-            for mask, label in zip(t.masks[order][keep], t.labels[order][keep], strict=True):
-                labels[b][mask > 0.5] = label
+            device=semantic_logits.device,
+        )
+        for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
+            _, cols = matches[b]
+            cols = cols.to(t.labels.device)
+            stuff = zip(t.masks[~keep], t.labels[~keep], strict=True)
+            matched = zip(t.masks[keep][cols], t.labels[keep][cols], strict=True)
+            for mask, label in [*stuff, *matched]:
+                labels[b][mask > 0] = label
+        return labels
+
+    def _dense_focal(self, semantic_logits: Tensor, labels: Tensor) -> Tensor:
+        """Stage-0 sigmoid focal of the dense classifier, normalised by foreground pixels.
+
+        Args: semantic_logits (B, K, h/2, w/2); labels (B, h, w) with K = background.
+        """
+        logits = upsample2x(semantic_logits).float()  # (B, K, h, w)
+        num_classes = logits.shape[1]
         one_hot = F.one_hot(labels, num_classes + 1)[..., :num_classes]  # (B, h, w, K)
         one_hot = one_hot.permute(0, 3, 1, 2).float()  # (B, K, h, w)
         num_foreground = (labels < num_classes).sum().clamp(min=1)

@@ -154,47 +154,50 @@ def postprocess(
     """Results for every image of a batch from the model's last round.
 
     ``task`` may differ from the model's own: a panoptic model also gives instance results
-    from its thing kernels. Semantic models only give semantic results.
+    from its thing kernels. Semantic models only give semantic results. The class counts are
+    the dataset's; the split of kernels into thing and stuff kernels is read from ``outputs``.
     """
+    if task not in ("panoptic", "instance", "semantic"):
+        raise ValueError(f"unknown task {task!r}; expected panoptic, instance or semantic")
     last = outputs.last
     input_size = (last.mask_logits.shape[-2] * 8, last.mask_logits.shape[-1] * 8)
+    semantic_model = last.cls_logits is None
+    if (task == "semantic") != semantic_model:
+        model = "a semantic" if semantic_model else "an instance or panoptic"
+        raise ValueError(f"{task} results cannot come from {model} model's outputs")
+    num_thing_kernels = outputs.stages[0].mask_logits.shape[1]
+    num_stuff_kernels = last.mask_logits.shape[1] - num_thing_kernels
+    if task == "panoptic" and num_stuff_kernels != num_stuff_classes:
+        raise ValueError(
+            f"panoptic results need a panoptic model with {num_stuff_classes} stuff kernels; "
+            f"these outputs have {num_stuff_kernels}"
+        )
     results = []
     for b, (image_size, output_size) in enumerate(zip(image_sizes, output_sizes, strict=True)):
+        cls_logits, mask_logits = last.cls_logits, last.mask_logits[b]
         if task == "semantic":
-            if last.cls_logits is not None:
-                raise ValueError("semantic results need a semantic model (model.task=semantic)")
-            results.append(
-                semantic_postprocess(last.mask_logits[b], input_size, image_size, output_size)
-            )
-            continue
-        if last.cls_logits is None:
-            raise ValueError(f"{task} results need an instance or panoptic model")
-        if task == "panoptic":
-            results.append(
-                panoptic_postprocess(
-                    last.cls_logits[b],
-                    last.mask_logits[b],
-                    num_thing_classes,
-                    num_stuff_classes,
-                    input_size,
-                    image_size,
-                    output_size,
-                    cfg,
-                )
-            )
-        elif task == "instance":
-            num_things = last.cls_logits.shape[1] - num_stuff_classes
-            results.append(
-                instance_postprocess(
-                    last.cls_logits[b, :num_things],
-                    last.mask_logits[b, :num_things],
-                    num_thing_classes,
-                    input_size,
-                    image_size,
-                    output_size,
-                    cfg,
-                )
+            result = semantic_postprocess(mask_logits, input_size, image_size, output_size)
+        elif task == "panoptic":
+            result = panoptic_postprocess(
+                cls_logits[b],
+                mask_logits,
+                num_thing_classes,
+                num_stuff_classes,
+                input_size,
+                image_size,
+                output_size,
+                cfg,
             )
         else:
-            raise ValueError(f"unknown task {task!r}; expected panoptic, instance or semantic")
+            things = slice(0, num_thing_kernels)
+            result = instance_postprocess(
+                cls_logits[b, things],
+                mask_logits[things],
+                num_thing_classes,
+                input_size,
+                image_size,
+                output_size,
+                cfg,
+            )
+        results.append(result)
     return results

@@ -184,3 +184,47 @@ def test_layer_zero_imports_no_orchestration():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_bf16_autocast_on_cuda_gives_finite_losses_and_fp32_group_features(task):
+    from knet.model.heads import assemble_group_features
+
+    cfg = tiny_config(task)
+    model = build_model(cfg.model, NUM_THINGS, NUM_STUFF).cuda().train()
+    criterion = KNetCriterion(cfg.loss, task, NUM_THINGS, NUM_STUFF)
+    images, targets = synthetic_batch(task)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images.cuda())
+        losses = criterion(out, [t.to("cuda") for t in targets])
+        group = assemble_group_features(
+            out.last.mask_logits, torch.randn(2, 32, 8, 8).cuda(), soft=task == "semantic"
+        )
+    assert group.dtype == torch.float32
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+
+
+def test_torchvision_checkpoint_loads_through_the_config(tmp_path):
+    from knet.model.backbone import ResNet
+
+    reference = ResNet(18)
+    state = reference.state_dict()
+    state["fc.weight"] = torch.zeros(1000, 512)  # torchvision checkpoints carry the classifier
+    state["fc.bias"] = torch.zeros(1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    cfg = tiny_config(
+        "instance", "model.backbone.base_channels=64", f"model.backbone.weights={path}"
+    )
+    model = build_model(cfg.model, NUM_THINGS, NUM_STUFF)
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    missing = tiny_config(
+        "instance",
+        "model.backbone.base_channels=64",
+        f"model.backbone.weights={tmp_path / 'nope.pth'}",
+    )
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_model(missing.model, NUM_THINGS, NUM_STUFF)
