@@ -84,6 +84,8 @@ class KNetCriterion:
         )
 
     def __call__(self, outputs: KNetOutput, targets: list[Targets]) -> dict[str, Tensor]:
+        device = outputs.stages[0].mask_logits.device
+        targets = [t.to(device) for t in targets]  # no-op when the loader already moved them
         self._check_targets(outputs, targets)
         if self.task == "semantic":
             return self.semantic_losses(outputs, targets)
@@ -98,12 +100,16 @@ class KNetCriterion:
             return
         num_classes = self.num_thing_classes + self.num_stuff_classes
         size = tuple(2 * v for v in outputs.stages[0].mask_logits.shape[-2:])
+        labels = torch.cat([t.labels for t in targets])
+        if len(labels) and not bool(((labels >= 0) & (labels < num_classes)).all()):  # one sync
+            for b, t in enumerate(targets):
+                bad = t.labels[(t.labels < 0) | (t.labels >= num_classes)]
+                if len(bad):
+                    raise ValueError(
+                        f"image {b} of the batch has label {int(bad[0])} outside the "
+                        f"{num_classes} {self.task} training ids [0, {num_classes})"
+                    )
         for b, t in enumerate(targets):
-            if len(t.labels) and (t.labels.min() < 0 or t.labels.max() >= num_classes):
-                raise ValueError(
-                    f"image {b} of the batch has label {int(t.labels.max())} outside the "
-                    f"{num_classes} {self.task} training ids [0, {num_classes})"
-                )
             if len(t.labels) != len(t.masks) or tuple(t.masks.shape[-2:]) != size:
                 raise ValueError(
                     f"image {b} of the batch has masks {tuple(t.masks.shape)} for "
@@ -165,7 +171,8 @@ class KNetCriterion:
         )
         for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
             slots = t.labels[~keep] - self.num_thing_classes  # (S_b,)
-            maps[b, slots] = t.masks[~keep].float()
+            # amax merges two segments of one stuff class (custom data) into one map.
+            maps[b].index_reduce_(0, slots, t.masks[~keep].float(), "amax")
             present[b, slots] = True
         return maps, present
 
@@ -252,24 +259,26 @@ class KNetCriterion:
         """Per-pixel stage-0 labels (B, h, w): stuff first, then the matched things over it.
 
         As the official ``_get_target_single``: any pixel a (soft) mask touches (> 0) is
-        painted; unmatched things stay background (index K).
+        painted, later segments over earlier ones; unmatched things stay background (K).
         """
         num_classes = semantic_logits.shape[1]
-        batch, _, height, width = semantic_logits.shape
-        labels = torch.full(
-            (batch, 2 * height, 2 * width),
-            num_classes,
-            dtype=torch.int64,
-            device=semantic_logits.device,
-        )
-        for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
-            _, cols = matches[b]
+        labels = []
+        for t, keep, (_, cols) in zip(targets, things, matches, strict=True):
             cols = cols.to(t.labels.device)
-            stuff = zip(t.masks[~keep], t.labels[~keep], strict=True)
-            matched = zip(t.masks[keep][cols], t.labels[keep][cols], strict=True)
-            for mask, label in [*stuff, *matched]:
-                labels[b][mask > 0] = label
-        return labels
+            masks = torch.cat([t.masks[~keep], t.masks[keep][cols]])  # (G', h, w) paint order
+            classes = torch.cat([t.labels[~keep], t.labels[keep][cols]])  # (G',)
+            order = torch.arange(len(classes), device=masks.device)[:, None, None]
+            last = torch.where(masks > 0, order, -1).amax(0) if len(classes) else None  # (h, w)
+            if last is None:
+                labels.append(
+                    torch.full(
+                        t.masks.shape[-2:], num_classes, device=t.masks.device, dtype=torch.int64
+                    )
+                )
+                continue
+            painted = classes[last.clamp(min=0)]
+            labels.append(torch.where(last >= 0, painted, num_classes))
+        return torch.stack(labels)  # (B, h, w)
 
     def _dense_focal(self, semantic_logits: Tensor, labels: Tensor) -> Tensor:
         """Stage-0 sigmoid focal of the dense classifier, normalised by foreground pixels.
@@ -278,8 +287,8 @@ class KNetCriterion:
         """
         logits = upsample2x(semantic_logits).float()  # (B, K, h, w)
         num_classes = logits.shape[1]
-        one_hot = F.one_hot(labels, num_classes + 1)[..., :num_classes]  # (B, h, w, K)
-        one_hot = one_hot.permute(0, 3, 1, 2).float()  # (B, K, h, w)
+        classes = torch.arange(num_classes, device=labels.device)[None, :, None, None]
+        one_hot = (labels[:, None] == classes).float()  # (B, K, h, w); background K: all zero
         num_foreground = (labels < num_classes).sum().clamp(min=1)
         focal = sigmoid_focal_loss(logits, one_hot, self.cfg.focal_alpha, self.cfg.focal_gamma)
         return focal.sum() / num_foreground

@@ -225,14 +225,20 @@ def test_frozen_stages_without_norm_eval() -> None:
     assert torch.equal(frozen_before, model.layer1[0].bn1.running_mean)
 
 
-@pytest.mark.parametrize("frozen", [0, -1])
-def test_frozen_stages_zero_freezes_nothing(frozen: int) -> None:
-    model = ResNet(18, base_channels=16, frozen_stages=frozen, norm_eval=False).train()
+def test_frozen_stages_minus_one_freezes_nothing() -> None:
+    model = ResNet(18, base_channels=16, frozen_stages=-1, norm_eval=False).train()
     assert all(p.requires_grad for p in model.parameters())
     assert all(m.training for m in model.modules())
-    model = ResNet(18, base_channels=16, frozen_stages=frozen, norm_eval=True).train()
+    model = ResNet(18, base_channels=16, frozen_stages=-1, norm_eval=True).train()
     assert all(p.requires_grad for p in model.parameters())
     assert all(not bn.training for bn in _bn_modules(model))
+
+
+def test_frozen_stages_zero_freezes_only_the_stem_as_in_mmdet() -> None:
+    model = ResNet(18, base_channels=16, frozen_stages=0, norm_eval=False).train()
+    assert not model.conv1.weight.requires_grad and not model.bn1.training
+    assert all(p.requires_grad for p in model.layer1.parameters())
+    assert model.layer1[0].bn1.training
 
 
 def test_init() -> None:

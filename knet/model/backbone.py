@@ -91,8 +91,8 @@ class ResNet(nn.Module):
         depth: one of 18, 34, 50, 101.
         base_channels: width of the stem and of stage 1 (64 = torchvision); every stage
             width scales with it, so small values give a tiny model for CPU tests.
-        frozen_stages: ``>= 1`` freezes the stem and ``layer1`` .. ``layer{frozen_stages}``
-            (no gradients, kept in eval mode); ``0`` or ``-1`` freezes nothing.
+        frozen_stages: mmdet semantics: ``-1`` freezes nothing, ``0`` the stem, ``k >= 1`` the
+            stem and ``layer1`` .. ``layer{k}`` (no gradients, kept in eval mode).
         norm_eval: keep every BatchNorm in eval mode (running statistics frozen) even in
             ``train()``; BN affine parameters of non-frozen stages remain trainable.
     """
@@ -154,7 +154,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 1:
+        if self.frozen_stages < 0:
             return []
         modules: list[nn.Module] = [self.conv1, self.bn1]
         modules += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]

@@ -222,6 +222,8 @@ class KernelUpdateHead(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        # The official feature transform is an mmcv ConvModule, whose bias starts at zero.
+        nn.init.zeros_(self.feat_transform.bias)
         if self.cls_logits is not None:
             nn.init.constant_(self.cls_logits.bias, PRIOR_BIAS)
 
