@@ -1,11 +1,13 @@
 """The ``knet`` command line. Every subcommand reads ``params.yaml`` and takes ``--set`` overrides.
 
-Subcommands arrive with the stages they run; today: ``knet config`` and ``knet model``.
+Subcommands arrive with the stages they run; today: ``knet config``, ``knet model`` and
+``knet data {synth,validate,prepare}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -60,6 +62,60 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from knet.data.synth import generate
+
+    cfg = _config(args)
+    out = args.out or cfg.data.synth.out
+    summary = generate(out, cfg.data.synth, cfg.data, progress=not args.quiet)
+    print(f"wrote the synthetic dataset to {out}: {json.dumps(summary)}")
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from knet.data.layout import dataset_paths
+    from knet.data.validate import validate_split
+
+    cfg = _config(args)
+    splits = [cfg.data.train_split, cfg.data.val_split] if args.split == "all" else [args.split]
+    failed = False
+    for split in splits:
+        paths = dataset_paths(cfg.data, split, args.root)
+        report = validate_split(
+            paths, cfg.data.format, progress=not args.quiet, ignore_values=cfg.data.semantic_ignore
+        )
+        print(f"== {cfg.data.format} split {split!r} at {paths.root}")
+        print(report.summary())
+        failed |= not report.ok
+    if failed and args.strict:
+        return 1
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from knet.data.prepare import prepare
+    from knet.data.validate import DatasetValidationError
+
+    cfg = _config(args)
+    try:
+        manifest = prepare(cfg.data, args.out, strict=args.strict, progress=not args.quiet)
+    except DatasetValidationError as err:
+        print(
+            f"knet: prepare refused {cfg.data.raw} (nothing was written; --lenient skips "
+            f"bad items):\n{err}",
+            file=sys.stderr,
+        )
+        return 1
+    out = args.out or cfg.data.prepared
+    for split, info in manifest["splits"].items():
+        print(
+            f"{split}: {info['images']} images, {info['segments']} segments, "
+            f"{len(info['skipped'])} problems skipped, {info['images_per_second']} img/s"
+        )
+    print(f"wrote {out} (content hash {manifest['content_hash'][:12]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
@@ -83,6 +139,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-stuff", type=int, default=53, help="stuff classes (default: %(default)s, COCO)"
     )
     summary.set_defaults(func=cmd_model_summary)
+
+    data = commands.add_parser("data", help="synthesise, validate and prepare datasets")
+    data_cmds = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    synth = data_cmds.add_parser("synth", help="write the synthetic panoptic dataset")
+    _add_params_args(synth)
+    synth.add_argument("--out", help="output folder (default: data.synth.out)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=cmd_data_synth)
+
+    validate = data_cmds.add_parser(
+        "validate", help="check every image and annotation; report all problems"
+    )
+    _add_params_args(validate)
+    validate.add_argument("--root", help="dataset root (default: data.raw)")
+    validate.add_argument(
+        "--split",
+        default="all",
+        help="split name, or 'all' for train and val (default: %(default)s)",
+    )
+    mode = validate.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--strict",
+        dest="strict",
+        action="store_true",
+        default=True,
+        help="exit 1 when there are errors (default)",
+    )
+    mode.add_argument("--lenient", dest="strict", action="store_false", help="report, but exit 0")
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    validate.set_defaults(func=cmd_data_validate)
+
+    prep = data_cmds.add_parser("prepare", help="validate and index the raw dataset")
+    _add_params_args(prep)
+    prep.add_argument("--out", help="output folder (default: data.prepared)")
+    mode = prep.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--strict",
+        dest="strict",
+        action="store_true",
+        default=True,
+        help="refuse a dataset with errors, writing nothing (default)",
+    )
+    mode.add_argument(
+        "--lenient",
+        dest="strict",
+        action="store_false",
+        help="skip images with errors and record them in the manifest",
+    )
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=cmd_data_prepare)
     return parser
 
 

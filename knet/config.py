@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 Task = Literal["panoptic", "instance", "semantic"]
+DataFormat = Literal["coco_panoptic", "coco_instance", "semantic_png"]
 
 
 class ConfigError(ValueError):
@@ -38,8 +39,58 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic panoptic dataset written by ``knet data synth`` (the embedded default)."""
+
+    # Where ``knet data synth`` writes it (point data.raw here to train on it).
+    out: str = "data/raw/synth"
+
+    # Square image side in pixels.
+    image_size: int = 128
+    train_images: int = 300
+    val_images: int = 50
+    # Thing instances per image, drawn uniformly in [min_instances, max_instances].
+    min_instances: int = 2
+    max_instances: int = 6
+    # Standard deviation of the pixel noise added to every image (0-1 intensity scale).
+    noise: float = 0.08
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_instances > self.max_instances:
+            raise ConfigError(
+                f"data.synth.min_instances ({self.min_instances}) must not exceed "
+                f"data.synth.max_instances ({self.max_instances})"
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Images as the model sees them (spec §4.4 / §5.2)."""
+    """Where the dataset is, its format, and images as the model sees them (spec §4.4 / §5.2).
+
+    Paths inside the raw dataset are templates relative to ``raw`` in which ``{split}`` is
+    replaced by ``train_split`` or ``val_split``; the defaults are COCO 2017's layout.
+    """
+
+    # coco_panoptic: panoptic JSON + PNGs; coco_instance: instances JSON (polygons or RLE);
+    # semantic_png: label PNGs (255 = ignore) + a categories JSON.
+    format: DataFormat = "coco_panoptic"
+    # Root of the raw dataset (DVC-tracked); the synthetic default lives here.
+    raw: str = "data/raw/synth"
+    # Output folder of ``knet data prepare``; the loaders read it.
+    prepared: str = "data/prepared"
+    train_split: str = "train"
+    val_split: str = "val"
+    images: str = "{split}"
+    panoptic_json: str = "annotations/panoptic_{split}.json"
+    panoptic_dir: str = "annotations/panoptic_{split}"
+    instances_json: str = "annotations/instances_{split}.json"
+    semantic_dir: str = "semantic/{split}"
+    # semantic_png only: [{"id": pixel value, "name": ..., "isthing": 0|1}, ...]
+    categories_json: str = "semantic/categories.json"
+    # semantic_png only: label values that mean "unlabelled" (ADE20K also uses 0).
+    semantic_ignore: tuple[int, ...] = (255,)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
     # Shorter-side range for training resizes; one value = fixed size, two = uniform range.
     min_size: tuple[int, ...] = (800,)
@@ -51,6 +102,20 @@ class DataConfig:
     flip_prob: float = 0.5
     # Images are padded (bottom/right) to a multiple of this; 32 keeps every FPN level aligned.
     size_divisor: int = 32
+    # Random training crop (height, width) after resizing; empty = no crop (COCO), ADE20K: 512.
+    crop_size: tuple[int, ...] = ()
+    # DataLoader worker processes per training process.
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.crop_size) not in (0, 2):
+            raise ConfigError(
+                f"data.crop_size must be [] or [height, width]; got {list(self.crop_size)}"
+            )
+        if not 1 <= len(self.min_size) <= 2:
+            raise ConfigError(
+                f"data.min_size must be [size] or [low, high]; got {list(self.min_size)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -63,7 +128,7 @@ class BackboneConfig:
     base_channels: int = 64
     # Local path to a torchvision ImageNet state dict; None = random initialisation.
     weights: str | None = None
-    # 1 freezes the stem and stage 1 (official setting); 0 freezes nothing.
+    # mmdet semantics: -1 freezes nothing, 0 the stem, 1 the stem and stage 1 (official).
     frozen_stages: int = 1
     # Keep BatchNorm statistics frozen (eval mode) during training.
     norm_eval: bool = True
@@ -195,7 +260,15 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.postprocess.instance_score_threshold": (0.0, 1.0),
     "model.postprocess.overlap_threshold": (0.0, 1.0),
     "data.flip_prob": (0.0, 1.0),
+    "data.synth.image_size": (32, 4096),
+    "data.synth.train_images": (1, 1_000_000),
+    "data.synth.val_images": (1, 1_000_000),
+    "data.synth.min_instances": (0, 50),
+    "data.synth.max_instances": (0, 50),
+    "data.synth.noise": (0.0, 1.0),
     "data.size_divisor": (1, 1024),
+    "data.crop_size": (1, 100_000),
+    "data.num_workers": (0, 256),
     "train.epochs": (1, 100000),
     "train.batch_size": (1, 4096),
     "optim.lr": (0.0, 10.0),

@@ -26,10 +26,15 @@ class Targets:
     masks: Tensor  # (G, h, w) float in [0, 1]: soft masks at stride 4 of the padded input
     labels: Tensor  # (G,) int64 training ids
     semantic: Tensor | None = None  # (H, W) int64 class ids, IGNORE_LABEL where unlabelled
+    is_thing: Tensor | None = None  # (G,) bool, the dataset's isthing flag of each segment
 
     def to(self, device: torch.device | str) -> Targets:
-        semantic = None if self.semantic is None else self.semantic.to(device)
-        return Targets(self.masks.to(device), self.labels.to(device), semantic)
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Targets(
+            self.masks.to(device), self.labels.to(device), move(self.semantic), move(self.is_thing)
+        )
 
 
 def downsample_masks(masks: Tensor, padded_size: tuple[int, int], stride: int = 4) -> Tensor:
