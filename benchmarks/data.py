@@ -60,8 +60,12 @@ print(json.dumps({"stage": stage, "images": images, "seconds": seconds,
 def run_case(name: str, overrides: list[str]) -> list[dict]:
     rows = []
     for stage in ("synth", "validate", "prepare", "loader"):
-        out = subprocess.run([sys.executable, "-c", STAGE, stage, "", json.dumps(overrides)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", STAGE, stage, "", json.dumps(overrides)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["case"] = name
         rows.append(row)
@@ -76,20 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"data.raw={tmp}/raw", f"data.synth.out={tmp}/raw", f"data.prepared={tmp}/prep",
-                "data.num_workers=2"]
+        base = [
+            f"data.raw={tmp}/raw",
+            f"data.synth.out={tmp}/raw",
+            f"data.prepared={tmp}/prep",
+            "data.num_workers=2",
+        ]
         rows += run_case("default (300+50 @128)", base)
-        big = [f"data.raw={tmp}/big", f"data.synth.out={tmp}/big", f"data.prepared={tmp}/bigp",
-               f"data.synth.train_images={args.images}", "data.synth.val_images=100",
-               f"data.synth.image_size={args.size}", f"data.min_size=[{args.size}]",
-               f"data.max_size={args.size}", "data.num_workers=2"]
+        big = [
+            f"data.raw={tmp}/big",
+            f"data.synth.out={tmp}/big",
+            f"data.prepared={tmp}/bigp",
+            f"data.synth.train_images={args.images}",
+            "data.synth.val_images=100",
+            f"data.synth.image_size={args.size}",
+            f"data.min_size=[{args.size}]",
+            f"data.max_size={args.size}",
+            "data.num_workers=2",
+        ]
         rows += run_case(f"{args.images}+100 @{args.size}", big)
     print(f"cpu cores {os.cpu_count()}, {time.strftime('%Y-%m-%d')}")
     print("| case | stage | images | seconds | images/s | peak RSS MiB |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['stage']} | {r['images']} | {r['seconds']:.2f} | "
-              f"{r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {r['case']} | {r['stage']} | {r['images']} | {r['seconds']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |"
+        )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2))

@@ -172,7 +172,9 @@ class KNetCriterion:
         for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
             slots = t.labels[~keep] - self.num_thing_classes  # (S_b,)
             # amax merges two segments of one stuff class (custom data) into one map.
-            maps[b].index_reduce_(0, slots, t.masks[~keep].float(), "amax")
+            stuff_masks = t.masks[~keep].flatten(1).float()  # (S_b, P)
+            index = slots[:, None].expand_as(stuff_masks)
+            maps[b].view(self.num_stuff_classes, -1).scatter_reduce_(0, index, stuff_masks, "amax")
             present[b, slots] = True
         return maps, present
 

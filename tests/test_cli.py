@@ -49,3 +49,45 @@ def test_model_summary_reports_the_official_component_counts():
     assert counts["fuser"] == 4_264_448
     assert counts["update_head.0"] == 2_076_037  # 2,062,416 - 86,608 + 100,229 (133 classes)
     assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "trainable"))
+
+
+def test_data_synth_validate_prepare_from_the_command_line(tmp_path):
+    small = [
+        "--set",
+        "data.synth.image_size=48",
+        "--set",
+        "data.synth.train_images=3",
+        "--set",
+        "data.synth.val_images=2",
+        "--set",
+        f"data.synth.out={tmp_path / 'raw'}",
+        "--set",
+        f"data.raw={tmp_path / 'raw'}",
+        "--set",
+        f"data.prepared={tmp_path / 'prepared'}",
+    ]
+    out = knet("data", "synth", "--quiet", *small)
+    assert out.returncode == 0, out.stderr
+    out = knet("data", "validate", "--quiet", *small)
+    assert out.returncode == 0, out.stderr
+    assert "0 errors" in out.stdout
+    out = knet("data", "prepare", "--quiet", *small)
+    assert out.returncode == 0, out.stderr
+    assert "train: 3 images" in out.stdout
+    assert (tmp_path / "prepared" / "manifest.json").exists()
+
+    # Break one image: validate and prepare name it; strict prepare keeps the old output.
+    before = (tmp_path / "prepared" / "manifest.json").read_bytes()
+    broken = tmp_path / "raw" / "train" / "000000000002.png"
+    broken.write_bytes(b"not a png")
+    out = knet("data", "validate", "--quiet", *small)
+    assert out.returncode == 1
+    assert "unreadable_image" in out.stdout and "000000000002.png" in out.stdout
+    assert "image 2" in out.stdout
+    out = knet("data", "prepare", "--quiet", *small)
+    assert out.returncode == 1
+    assert "nothing was written" in out.stderr and "000000000002.png" in out.stderr
+    assert (tmp_path / "prepared" / "manifest.json").read_bytes() == before
+    out = knet("data", "prepare", "--quiet", "--lenient", *small)
+    assert out.returncode == 0, out.stderr
+    assert "train: 2 images, " in out.stdout and "1 problems skipped" in out.stdout

@@ -128,8 +128,9 @@ def test_prepare_takes_the_real_coco_sample(tmp_path):
     assert len(index["categories"]) == 133
     # Every prepared segment has its panoptic pixel count as area and a valid RLE.
     pan = json.loads((SAMPLE / "panoptic.json").read_text())
-    areas = {(a["image_id"], s["id"]): s["area"] for a in pan["annotations"]
-             for s in a["segments_info"]}  # segment ids are unique per image only
+    areas = {
+        (a["image_id"], s["id"]): s["area"] for a in pan["annotations"] for s in a["segments_info"]
+    }  # segment ids are unique per image only
     lines = (tmp_path / "prepared" / "train" / "segments.jsonl").read_text().splitlines()
     for image, line in zip(index["images"], lines, strict=True):
         for seg in json.loads(line):

@@ -552,3 +552,18 @@ def test_stage0_seg_paints_only_matched_things() -> None:
     # 16 pixels x 2 classes: 4 positives (GT 0 at class 0), 28 negatives, 4 foreground pixels.
     seg = (4 * 0.25 * 0.25 * LOG2 + 28 * 0.75 * 0.25 * LOG2) / 4
     assert float(losses["s0.seg"]) == pytest.approx(seg, rel=1e-5)
+
+
+def test_two_segments_of_one_stuff_class_merge_into_one_stuff_map():
+
+    criterion = KNetCriterion(LossConfig(), "panoptic", num_thing_classes=1, num_stuff_classes=2)
+    masks = torch.zeros(3, 4, 4)
+    masks[0, :2] = 1.0  # stuff class 1 (training id 1), top half
+    masks[1, 2:] = 1.0  # stuff class 1 again, bottom half
+    masks[2, :, :1] = 1.0  # stuff class 2
+    targets = [Targets(masks, torch.tensor([1, 1, 2]))]
+    things = [t.labels < 1 for t in targets]
+    maps, present = criterion._stuff_targets(targets, things)
+    assert present.tolist() == [[True, True]]
+    assert maps[0, 0].eq(1).all()  # the union covers the whole image
+    assert maps[0, 1].sum() == 4
