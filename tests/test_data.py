@@ -288,3 +288,75 @@ def test_semantic_png_dataset_round_trip(tmp_path):
     semantic = dataset[0]["targets"].semantic
     assert semantic[:10, :60].eq(IGNORE_LABEL).all()
     assert semantic[10:20, :60].eq(0).all() and semantic[20:40, :60].eq(1).all()
+
+
+def test_coco_instance_polygons_rle_and_crowd(tmp_path):
+    root = tmp_path / "inst"
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(root / "train" / "1.png")
+    box = np.zeros((40, 60), dtype=np.uint8)
+    box[20:30, 40:50] = 1
+    rle = mask_utils.encode(np.asfortranarray(box))
+    rle["counts"] = rle["counts"].decode()
+    crowd = np.zeros((40, 60), dtype=np.uint8)
+    crowd[:5, :5] = 1
+    crowd_rle = mask_utils.encode(np.asfortranarray(crowd))
+    crowd_rle["counts"] = crowd_rle["counts"].decode()
+    data = {
+        "images": [{"id": 1, "file_name": "1.png", "height": 40, "width": 60}],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}],
+        "annotations": [
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 8,
+                "iscrowd": 0,
+                "area": 100.0,
+                "bbox": [0, 0, 10, 10],
+                "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]],
+            },
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 100,
+                "bbox": [40, 20, 10, 10],
+                "segmentation": rle,
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 1,
+                "area": 25,
+                "bbox": [0, 0, 5, 5],
+                "segmentation": crowd_rle,
+            },
+        ],
+    }
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(data))
+    cfg = load_config(
+        None,
+        [
+            "data.format=coco_instance",
+            f"data.raw={root}",
+            f"data.prepared={tmp_path / 'p'}",
+            "data.val_split=train",
+            "data.min_size=[40]",
+            "data.test_size=40",
+            "data.max_size=60",
+        ],
+    )
+    manifest = prepare(cfg.data, progress=False)
+    assert manifest["splits"]["train"]["crowd_segments"] == 1
+    dataset = build_dataset(cfg.data, "train", "instance", train=False)
+    assert dataset.categories.names == ("cat", "dog")  # training ids follow the category ids
+    item = dataset[0]
+    assert sorted(item["targets"].labels.tolist()) == [0, 1]  # the crowd region is no target
+    segments = {s["id"]: s for s in dataset.read_segments(0)}
+    assert segments[11]["area"] == 100 and segments[12]["iscrowd"] == 1
+    assert abs(segments[10]["area"] - 100) <= 12  # rasterised polygon
+    with pytest.raises(ValueError, match="model.task=panoptic cannot train"):
+        build_dataset(cfg.data, "train", "panoptic", train=False)
