@@ -1,7 +1,7 @@
 """The ``knet`` command line. Every subcommand reads ``params.yaml`` and takes ``--set`` overrides.
 
 Subcommands arrive with the stages they run; today: ``knet config``, ``knet model`` and
-``knet data {synth,validate,prepare}``.
+``knet data {synth,validate,prepare}``, ``knet evaluate`` and ``knet predict``.
 """
 
 from __future__ import annotations
@@ -116,6 +116,47 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from knet.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.params,
+        args.overrides,
+        split=args.split,
+        out=args.out,
+        metrics_file=args.metrics,
+        kernel_maps=args.kernel_maps,
+        progress=not args.quiet,
+        device=args.device,
+        max_images=args.max_images,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from knet.predict import predict_checkpoint
+
+    summary = predict_checkpoint(
+        args.inputs,
+        args.checkpoint,
+        args.out,
+        task=args.task,
+        params=args.params,
+        overrides=args.overrides,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {len(summary.written)} overlay PNGs and segment JSONs to {args.out}; "
+        f"{len(summary.failed)} failed"
+    )
+    for _, reason in summary.failed:
+        print(f"  failed: {reason}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
@@ -189,6 +230,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_data_prepare)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="PQ / mask AP / mIoU on a prepared split, with prediction files"
+    )
+    _add_params_args(evaluate)
+    evaluate.add_argument("--checkpoint", help="a knet checkpoint (default: evaluate.checkpoint)")
+    evaluate.add_argument(
+        "--split", help="prepared split (default: evaluate.split or data.val_split)"
+    )
+    evaluate.add_argument("--out", help="prediction files folder (default: evaluate.out)")
+    evaluate.add_argument(
+        "--metrics",
+        help="metrics JSON; the per-class CSV goes beside it (default: evaluate.metrics)",
+    )
+    evaluate.add_argument(
+        "--kernel-maps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the mean kernel activations and per-stage masks "
+        "(default: evaluate.kernel_maps)",
+    )
+    evaluate.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument(
+        "--params",
+        default=None,
+        help="params file for sizes and post-processing (default: the "
+        "config stored in the checkpoint)",
+    )
+    predict.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key (repeatable)",
+    )
+    predict.add_argument("--checkpoint", required=True, help="a knet checkpoint (.pt)")
+    predict.add_argument(
+        "--task",
+        choices=["panoptic", "instance", "semantic"],
+        help="which results (default: the model's task)",
+    )
+    predict.add_argument(
+        "--out", default="outputs/predict", help="output folder (default: %(default)s)"
+    )
+    predict.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -196,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"knet: error: {err}", file=sys.stderr)
         return 2
 

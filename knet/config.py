@@ -227,6 +227,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Defaults of ``knet evaluate`` (and the DVC stage ``evaluate``)."""
+
+    # The checkpoint evaluated when none is given on the command line.
+    checkpoint: str = "outputs/train/model.pt"
+    # Prepared split; empty = data.val_split.
+    split: str = ""
+    # COCO-format prediction files (and kernel pictures).
+    out: str = "outputs/eval"
+    # DVC metrics JSON; the per-class CSV is written beside it.
+    metrics: str = "metrics/eval.json"
+    # Also write the mean kernel activations and per-stage masks (paper Fig. 4).
+    kernel_maps: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole tree, one attribute per ``params.yaml`` section."""
 
@@ -235,6 +251,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) that :func:`config_from_dict` reads back."""

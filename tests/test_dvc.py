@@ -47,3 +47,24 @@ def test_repro_prepare_runs_skips_and_reruns_on_param_change(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'synth'" in third and "Running stage 'prepare'" in third
+
+    # The evaluate stage: a checkpoint at evaluate.checkpoint -> DVC metrics.
+    from knet.checkpoint import save_checkpoint
+    from knet.config import load_config
+    from knet.data.dataset import build_dataset
+    from knet.model import build_model
+
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        cfg = load_config("params.yaml")
+        cats = build_dataset(cfg.data, "val", "panoptic", train=False).categories
+        model = build_model(cfg.model, cats.num_things, cats.num_stuff)
+        save_checkpoint(cfg.evaluate.checkpoint, model, cfg, cats)
+    finally:
+        os.chdir(cwd)
+    run(["dvc", "repro", "evaluate"], repo)
+    shown = run(["dvc", "metrics", "show"], repo)
+    assert "metrics/eval.json" in shown and "pq" in shown
+    assert (repo / "metrics" / "eval_per_class.csv").exists()
+    assert "Running stage" not in run(["dvc", "repro", "evaluate"], repo)

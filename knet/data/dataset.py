@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from knet.config import DataConfig
 from knet.data.categories import Categories
 from knet.data.transforms import MASK_STRIDE, Transform
+from knet.metrics import GroundTruth
 from knet.structures import IGNORE_LABEL, Targets
 
 TASK_FORMATS = {
@@ -41,6 +42,7 @@ class Batch:
     image_sizes: list[tuple[int, int]]  # resized size inside the padding, per image
     output_sizes: list[tuple[int, int]]  # original image size, per image
     image_ids: list[int]
+    indices: list[int]  # positions in the dataset (for its ground truth)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -49,6 +51,7 @@ class Batch:
             self.image_sizes,
             self.output_sizes,
             self.image_ids,
+            self.indices,
         )
 
     def __len__(self) -> int:
@@ -104,7 +107,18 @@ class PreparedDataset(Dataset):
             "image_size": sample.image_size,
             "output_size": (record["height"], record["width"]),
             "image_id": record["id"],
+            "index": i,
         }
+
+    def ground_truth(self, i: int) -> GroundTruth:
+        """Image ``i``'s ground truth at its original size, crowd segments included."""
+        record = self.images[i]
+        semantic = None
+        if "semantic" in record:
+            semantic = np.asarray(Image.open(self.split_dir / record["semantic"]))
+        return GroundTruth(
+            record["id"], record["height"], record["width"], self.read_segments(i), semantic
+        )
 
     def read_segments(self, i: int) -> list[dict[str, Any]]:
         """The prepared segments of image ``i`` (training ids, COCO RLE, iscrowd, area)."""
@@ -168,6 +182,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         [s["image_size"] for s in samples],
         [s["output_size"] for s in samples],
         [s["image_id"] for s in samples],
+        [s["index"] for s in samples],
     )
 
 

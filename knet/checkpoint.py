@@ -1,0 +1,103 @@
+"""Checkpoints that carry their own config and class list, so a model rebuilds from the file.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_only=True``:
+tensors, numbers, strings, lists and dicts only; no pickled Python objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from knet.config import Config, config_from_dict
+from knet.data.categories import Categories
+from knet.model import KNet, build_model
+
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("version", "model", "config", "categories")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a knet checkpoint (or not one this version can read)."""
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    cfg: Config,
+    categories: Categories,
+    **state: Any,
+) -> None:
+    """Write weights + config + categories (+ optimizer, scheduler, epoch, ...) atomically.
+
+    ``model`` may be wrapped in DistributedDataParallel; the plain module's weights are saved.
+    Extra keyword arguments are stored as they are (state dicts, numbers, strings).
+    """
+    model = getattr(model, "module", model)
+    payload = {
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "config": cfg.to_dict(),
+        "categories": categories.to_json(),
+        **state,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
+    if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{path} is not a knet checkpoint (expected keys {', '.join(REQUIRED_KEYS)})"
+        )
+    if payload["version"] > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {payload['version']}; this knet reads "
+            f"up to {CHECKPOINT_VERSION}"
+        )
+    return payload
+
+
+def model_from_checkpoint(
+    payload: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[KNet, Config, Categories]:
+    """Rebuild the model from a loaded checkpoint (its own config and categories)."""
+    cfg = config_from_dict(payload["config"])
+    categories = Categories.from_json(payload["categories"])
+    # The weights in the file supersede any ImageNet initialisation the config names.
+    backbone = dataclasses.replace(cfg.model.backbone, weights=None)
+    model_cfg = dataclasses.replace(cfg.model, backbone=backbone)
+    model = build_model(model_cfg, categories.num_things, categories.num_stuff)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), cfg, categories
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[KNet, Config, Categories]:
+    """Shorthand: :func:`load_checkpoint` then :func:`model_from_checkpoint`."""
+    return model_from_checkpoint(load_checkpoint(path), device)

@@ -1,0 +1,356 @@
+"""``knet evaluate``: PQ / mask AP / mIoU of a model on a prepared split, with prediction files.
+
+Writes (paths configurable):
+
+    metrics/eval.json             flat DVC metrics in percent: pq, pq_th, pq_st, sq, rq, ap, ...
+    metrics/eval_per_class.csv    one row per class: pq, sq, rq, ap, iou (percent), tp, fp, fn
+    outputs/eval/panoptic/*.png   COCO panoptic prediction PNGs (id = R + 256 G + 256^2 B)
+    outputs/eval/panoptic.json    their segments_info (dataset category ids, scores)
+    outputs/eval/instances_results.json   COCO instance results (RLE), for COCOeval
+    outputs/eval/kernel_maps.png, stage_masks_<image>.png   with ``kernel_maps=True``
+
+A panoptic model reports all three metrics (AP from its thing kernels, mIoU from its panoptic
+output), an instance model AP, a semantic model mIoU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from knet.checkpoint import load_checkpoint, model_from_checkpoint
+from knet.config import Config, load_config
+from knet.data.atomic import atomic_directory, write_json_atomic
+from knet.data.categories import Categories
+from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
+from knet.engine import run_inference
+from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
+from knet.model import KNet, KNetOutput
+from knet.postprocess import PanopticResult
+from knet.visualize import kernel_activation_grid, stage_masks_figure
+
+log = logging.getLogger(__name__)
+
+TASKS_OF_MODEL = {
+    "panoptic": ("panoptic", "instance"),
+    "instance": ("instance",),
+    "semantic": ("semantic",),
+}
+KERNEL_GRID = 32  # common size of the kernel activation maps
+STAGE_FIGURES = 3  # images with a per-stage mask figure
+STAGE_KERNELS = 8  # kernels shown per figure
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | None = None,
+    params: str | Path | None = "params.yaml",
+    overrides: tuple[str, ...] | list[str] = (),
+    *,
+    split: str | None = None,
+    out: str | Path | None = None,
+    metrics_file: str | Path | None = None,
+    kernel_maps: bool | None = None,
+    write_metrics: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    max_images: int | None = None,
+) -> dict[str, float]:
+    """Evaluate the model stored in ``checkpoint`` on the data that ``params`` describe.
+
+    The model (architecture, weights, categories) comes from the checkpoint; the data, the
+    image sizes and the post-processing settings from ``params`` + ``overrides``. Arguments
+    left as None take their value from the ``evaluate`` section of the params.
+    """
+    cfg = load_config(params, overrides)
+    ev = cfg.evaluate
+    model, trained, categories = model_from_checkpoint(
+        load_checkpoint(checkpoint or ev.checkpoint), device=device
+    )
+    return evaluate_model(
+        model,
+        trained.model.task,
+        categories,
+        cfg,
+        split=split or ev.split or None,
+        out=out or ev.out,
+        metrics_file=(metrics_file or ev.metrics) if write_metrics else None,
+        kernel_maps=ev.kernel_maps if kernel_maps is None else kernel_maps,
+        progress=progress,
+        max_images=max_images,
+    )
+
+
+def evaluate_model(
+    model: KNet,
+    task: str,
+    categories: Categories,
+    cfg: Config,
+    split: str | None = None,
+    out: str | Path = "outputs/eval",
+    metrics_file: str | Path | None = "metrics/eval.json",
+    kernel_maps: bool = False,
+    progress: bool = True,
+    max_images: int | None = None,
+) -> dict[str, float]:
+    """Run the model over a prepared split and write metrics and predictions (atomically)."""
+    device = next(model.parameters()).device
+    dataset = build_dataset(cfg.data, split or cfg.data.val_split, task, train=False)
+    _check_categories(categories, dataset)
+    if max_images is not None:
+        dataset.images = dataset.images[:max_images]
+    loader = build_loader(
+        dataset,
+        cfg.train.batch_size,
+        train=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    tasks = TASKS_OF_MODEL[task]
+    metrics = _metrics_for(tasks, categories)
+    kernel_view = _KernelView(categories.num_things) if kernel_maps and task != "semantic" else None
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with atomic_directory(out) as tmp:
+        writer = _PanopticWriter(tmp, categories) if "panoptic" in tasks else None
+        predictions = run_inference(
+            model,
+            loader,
+            tasks,
+            categories.num_things,
+            categories.num_stuff if task == "panoptic" else 0,
+            cfg.model.postprocess,
+            device,
+            amp=cfg.train.amp,
+            progress=progress,
+            on_outputs=kernel_view.add if kernel_view else None,
+            timings=timings,
+        )
+        for pred in predictions:
+            gt = dataset.ground_truth(pred.index)
+            for name, result in pred.results.items():
+                if name == "panoptic":
+                    metrics["pq"].update(gt, result)
+                    metrics["miou"].update(gt.semantic_map(), semantic_from_panoptic(result))
+                    writer.add(pred.image_id, result)
+                elif name == "instance":
+                    metrics["ap"].update(gt, result)
+                else:
+                    metrics["miou"].update(gt.semantic_map(), result.cpu().numpy())
+        if writer is not None:
+            writer.close()
+        if "ap" in metrics:
+            (tmp / "instances_results.json").write_text(
+                json.dumps(metrics["ap"].coco_results_json())
+            )
+        if kernel_view is not None:
+            kernel_view.save(tmp)
+    seconds = time.perf_counter() - start
+    computed = {name: metric.compute() for name, metric in metrics.items()}
+    flat = _flatten(computed)
+    flat.update(
+        images=len(dataset),
+        seconds=round(seconds, 3),
+        images_per_s=round(len(dataset) / seconds, 2) if seconds else 0.0,
+        forward_s=round(timings.get("forward_s", 0.0), 3),
+        postprocess_s=round(timings.get("postprocess_s", 0.0), 3),
+    )
+    if metrics_file is not None:
+        write_json_atomic(metrics_file, flat, indent=2)
+        _write_per_class(
+            Path(metrics_file).with_name(Path(metrics_file).stem + "_per_class.csv"),
+            categories,
+            computed,
+        )
+    return flat
+
+
+def _check_categories(categories: Categories, dataset: PreparedDataset) -> None:
+    theirs = dataset.categories
+    if categories.ids != theirs.ids or categories.is_thing != theirs.is_thing:
+        raise ValueError(
+            f"the model was trained on {len(categories)} categories ({categories.num_things} "
+            f"things, {categories.num_stuff} stuff) but {dataset.split_dir} has "
+            f"{len(dataset.categories)} ({dataset.categories.num_things} things, "
+            f"{dataset.categories.num_stuff} stuff) with different ids"
+        )
+
+
+def _metrics_for(tasks: tuple[str, ...], categories: Categories) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if "panoptic" in tasks:
+        metrics["pq"] = PanopticQuality(categories)
+    if "instance" in tasks:
+        metrics["ap"] = MaskAP(categories)
+    if "panoptic" in tasks or "semantic" in tasks:
+        metrics["miou"] = SemanticIoU(len(categories), categories.names)
+    return metrics
+
+
+def _percent(value: float) -> float:
+    return round(100.0 * value, 3) if not math.isnan(value) else value
+
+
+def _flatten(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The headline numbers, in percent like the paper's tables."""
+    flat: dict[str, float] = {}
+    if "pq" in computed:
+        pq = computed["pq"]
+        flat.update(
+            pq=_percent(pq["all"]["pq"]),
+            pq_th=_percent(pq["things"]["pq"]),
+            pq_st=_percent(pq["stuff"]["pq"]),
+            sq=_percent(pq["all"]["sq"]),
+            rq=_percent(pq["all"]["rq"]),
+        )
+    if "ap" in computed:
+        flat.update({k: _percent(computed["ap"][k]) for k in MaskAP.STATS})
+    if "miou" in computed:
+        flat.update(miou=_percent(computed["miou"]["miou"]), acc=_percent(computed["miou"]["acc"]))
+    return flat
+
+
+def _write_per_class(path: Path, categories: Categories, computed: dict[str, Any]) -> None:
+    columns = [
+        "train_id",
+        "category_id",
+        "name",
+        "isthing",
+        "pq",
+        "sq",
+        "rq",
+        "tp",
+        "fp",
+        "fn",
+        "ap",
+        "iou",
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for t in range(len(categories)):
+        row: dict[str, Any] = {
+            "train_id": t,
+            "category_id": categories.ids[t],
+            "name": categories.names[t],
+            "isthing": int(categories.is_thing[t]),
+        }
+        if "pq" in computed:
+            c = computed["pq"]["per_class"][t]
+            row.update(
+                pq=_percent(c["pq"]),
+                sq=_percent(c["sq"]),
+                rq=_percent(c["rq"]),
+                tp=c["tp"],
+                fp=c["fp"],
+                fn=c["fn"],
+            )
+        if "ap" in computed and t in computed["ap"]["per_class"]:
+            row["ap"] = _percent(computed["ap"]["per_class"][t]["ap"])
+        if "miou" in computed:
+            row["iou"] = _percent(computed["miou"]["per_class"][t]["iou"])
+        writer.writerow(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    tmp.replace(path)
+
+
+class _PanopticWriter:
+    """COCO panoptic predictions: one PNG per image and one JSON with every segments_info."""
+
+    def __init__(self, folder: Path, categories: Categories) -> None:
+        self.folder = folder
+        self.categories = categories
+        (folder / "panoptic").mkdir()
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, image_id: int, result: PanopticResult) -> None:
+        ids = result.segment_map.cpu().numpy().astype(np.uint32)  # (H, W)
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+        file_name = f"{image_id:012d}.png"
+        Image.fromarray(rgb).save(self.folder / "panoptic" / file_name)
+        segments = []
+        for seg in result.segments:
+            ys, xs = np.nonzero(ids == seg.id)
+            bbox = [
+                int(xs.min()),
+                int(ys.min()),
+                int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1),
+            ]
+            segments.append(
+                {
+                    "id": seg.id,
+                    "category_id": self.categories.ids[seg.label],
+                    "iscrowd": 0,
+                    "area": seg.area,
+                    "bbox": bbox,
+                    "score": round(seg.score, 5),
+                }
+            )
+        self.annotations.append(
+            {"image_id": image_id, "file_name": file_name, "segments_info": segments}
+        )
+
+    def close(self) -> None:
+        data = {"annotations": self.annotations, "categories": self.categories.to_json()}
+        (self.folder / "panoptic.json").write_text(json.dumps(data))
+
+
+class _KernelView:
+    """Mean thing-kernel activation over the split, and per-stage masks of a few images."""
+
+    def __init__(self, num_thing_classes: int) -> None:
+        self.num_thing_classes = num_thing_classes
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+        self.figures: list[tuple[int, Image.Image]] = []
+
+    def add(self, batch: Batch, outputs: KNetOutput) -> None:
+        num_kernels = outputs.stages[0].mask_logits.shape[1]  # thing kernels
+        for b, (height, width) in enumerate(batch.image_sizes):
+            h, w = math.ceil(height / 8), math.ceil(width / 8)
+            probs = outputs.last.mask_logits[b, :num_kernels, :h, :w].float().sigmoid()
+            grid = F.interpolate(
+                probs[None], size=(KERNEL_GRID, KERNEL_GRID), mode="bilinear", align_corners=False
+            )[0].cpu()  # (N, g, g)
+            self.sum = grid if self.sum is None else self.sum + grid
+            self.count += 1
+            if len(self.figures) < STAGE_FIGURES:
+                self.figures.append((batch.image_ids[b], self._stage_figure(outputs, b, h, w)))
+
+    def _stage_figure(self, outputs: KNetOutput, b: int, h: int, w: int) -> Image.Image:
+        num_kernels = outputs.stages[0].mask_logits.shape[1]
+        scores = outputs.last.cls_logits[b, :num_kernels, : self.num_thing_classes]
+        best = scores.float().sigmoid().amax(-1).argsort(descending=True)[:STAGE_KERNELS]
+        stage_probs = [
+            F.interpolate(
+                s.mask_logits[b : b + 1, :num_kernels, :h, :w].float(),
+                size=(48, 48),
+                mode="bilinear",
+                align_corners=False,
+            )[0]
+            .sigmoid()
+            .cpu()
+            .numpy()
+            for s in outputs.stages
+        ]
+        return stage_masks_figure(stage_probs, best.tolist())
+
+    def save(self, folder: Path) -> None:
+        if self.sum is None:
+            return
+        kernel_activation_grid((self.sum / self.count).numpy()).save(folder / "kernel_maps.png")
+        for image_id, figure in self.figures:
+            figure.save(folder / f"stage_masks_{image_id}.png")

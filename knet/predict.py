@@ -1,0 +1,206 @@
+"""``knet predict``: overlay pictures and segment JSON for images or folders of images.
+
+Uses the same test transform and post-processing as evaluation. An unreadable image is
+reported with its path and skipped; the others are still processed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from knet.checkpoint import load_checkpoint, model_from_checkpoint
+from knet.config import Config, apply_override, config_from_dict, load_config
+from knet.data.categories import Categories
+from knet.data.dataset import Batch, load_rgb
+from knet.data.prepare import IMAGE_SUFFIXES
+from knet.data.transforms import Transform
+from knet.engine import predict_batch
+from knet.metrics import semantic_from_panoptic
+from knet.model import KNet
+from knet.postprocess import PanopticResult
+from knet.visualize import instance_overlay, panoptic_overlay, semantic_overlay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictSummary:
+    written: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders become their image files (sorted)."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(item)
+    return paths
+
+
+def predict_checkpoint(
+    inputs: Iterable[str | Path],
+    checkpoint: str | Path,
+    out: str | Path,
+    task: str | None = None,
+    params: str | Path | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    device: str = "cpu",
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every input image with the checkpoint's model; see :func:`predict_images`."""
+    model, trained, categories = model_from_checkpoint(load_checkpoint(checkpoint), device)
+    if params is not None:
+        cfg = load_config(params, overrides)
+    else:  # the checkpoint's own config, with the overrides on top
+        data = trained.to_dict()
+        for item in overrides:
+            apply_override(data, item)
+        cfg = config_from_dict(data)
+    return predict_images(
+        inputs,
+        model,
+        trained.model.task,
+        categories,
+        cfg,
+        out,
+        task=task or trained.model.task,
+        progress=progress,
+    )
+
+
+def predict_images(
+    inputs: Iterable[str | Path],
+    model: KNet,
+    model_task: str,
+    categories: Categories,
+    cfg: Config,
+    out: str | Path,
+    task: str,
+    progress: bool = True,
+) -> PredictSummary:
+    """Write ``<stem>.png`` (overlay with legend) and ``<stem>.json`` (segments) per image."""
+    _check_task(model_task, task)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    transform = Transform(cfg.data, train=False)
+    summary = PredictSummary()
+    model.eval()
+    for path in tqdm(expand_inputs(inputs), desc="predict", unit="img", disable=not progress):
+        try:
+            image = load_rgb(path)
+        except Exception as err:  # PIL raises several types for unreadable files
+            reason = f"cannot read image {path}: {err}"
+            log.error("%s", reason)
+            summary.failed.append((str(path), reason))
+            continue
+        tensor = torch.from_numpy(image)
+        sample = transform(tensor, torch.zeros(0, *image.shape[:2], dtype=torch.bool), None)
+        batch = Batch(sample.image[None], [], [sample.image_size], [image.shape[:2]], [0], [0])
+        # A panoptic model's semantic view is derived from its panoptic result.
+        run_task = "panoptic" if task == "semantic" and model_task == "panoptic" else task
+        _, per_image, _ = predict_batch(
+            model,
+            batch.to(device),
+            (run_task,),
+            categories.num_things,
+            categories.num_stuff if model_task == "panoptic" else 0,
+            cfg.model.postprocess,
+            amp=cfg.train.amp,
+        )
+        result = per_image[0][run_task]
+        picture, segments = _render(image, result, task, categories)
+        picture.save(out / f"{path.stem}.png")
+        (out / f"{path.stem}.json").write_text(
+            json.dumps(
+                {
+                    "image": str(path),
+                    "task": task,
+                    "height": image.shape[0],
+                    "width": image.shape[1],
+                    "segments": segments,
+                },
+                indent=1,
+            )
+        )
+        summary.written.append(str(out / f"{path.stem}.png"))
+    return summary
+
+
+def _check_task(model_task: str, task: str) -> None:
+    allowed = {
+        "panoptic": ("panoptic", "instance", "semantic"),
+        "instance": ("instance",),
+        "semantic": ("semantic",),
+    }[model_task]
+    if task not in allowed:
+        raise ValueError(
+            f"a {model_task} model cannot give {task} results (it gives {', '.join(allowed)})"
+        )
+
+
+def _render(
+    image: np.ndarray, result: Any, task: str, categories: Categories
+) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """The overlay picture and the JSON-ready segments of one result."""
+    if task == "panoptic":
+        segments = [
+            {
+                "id": s.id,
+                "category_id": categories.ids[s.label],
+                "category": categories.names[s.label],
+                "isthing": s.is_thing,
+                "score": round(s.score, 4),
+                "area": s.area,
+            }
+            for s in result.segments
+        ]
+        return panoptic_overlay(image, result, categories), segments
+    if task == "instance":
+        segments = []
+        for k in range(len(result.scores)):
+            mask = np.asfortranarray(result.masks[k].cpu().numpy().astype(np.uint8))
+            rle = mask_utils.encode(mask)
+            label = int(result.labels[k])
+            segments.append(
+                {
+                    "category_id": categories.ids[label],
+                    "category": categories.names[label],
+                    "score": round(float(result.scores[k]), 4),
+                    "area": int(mask_utils.area(rle)),
+                    "segmentation": {
+                        "size": [int(v) for v in rle["size"]],
+                        "counts": rle["counts"].decode("ascii"),
+                    },
+                }
+            )
+        return instance_overlay(image, result, categories), segments
+    if isinstance(result, PanopticResult):  # the semantic view of a panoptic model
+        semantic = semantic_from_panoptic(result)
+    else:
+        semantic = result.cpu().numpy()
+    classes, counts = np.unique(semantic, return_counts=True)
+    segments = [
+        {
+            "category_id": categories.ids[int(c)],
+            "category": categories.names[int(c)],
+            "area": int(n),
+        }
+        for c, n in zip(classes, counts, strict=True)
+        if c < len(categories)
+    ]
+    return semantic_overlay(image, semantic, categories), segments
