@@ -157,6 +157,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from knet.train import train
+
+    summary = train(_config(args), run_name=args.run_name, address=args.address)
+    final = summary.get("final", {})
+    shown = {k: v for k, v in final.items() if k.startswith("val_") or k == "loss"}
+    print(f"run {summary['run_name']}: {summary['epochs']} epochs in {summary['seconds']} s")
+    print(json.dumps(shown, indent=2))
+    print(f"final checkpoint: {summary['checkpoint']}")
+    if summary.get("mlflow_run_id"):
+        print(f"MLflow run: {summary['mlflow_run_id']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
@@ -255,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    train = commands.add_parser("train", help="train on Ray Train (resumes a run of the same name)")
+    _add_params_args(train)
+    train.add_argument(
+        "--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local instance)"
+    )
+    train.add_argument(
+        "--run-name",
+        help="run name (default: train.run_name, else derived from the params, so reruns resume)",
+    )
+    train.set_defaults(func=cmd_train)
 
     predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")

@@ -216,7 +216,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training loop settings."""
+    """Training loop settings (plain loop and Ray Train alike)."""
 
     epochs: int = 12
     # Images per worker.
@@ -224,6 +224,38 @@ class TrainConfig:
     seed: int = 0
     # bf16 autocast on CUDA; ignored on CPU.
     amp: bool = True
+    # Ray Train workers (data-parallel processes); 0 runs the loop in the driver process.
+    num_workers: int = 1
+    use_gpu: bool = False
+    # CPUs reserved per worker (data-loader processes run inside this share).
+    cpus_per_worker: float = 1.0
+    # Shared storage for Ray Train run folders and checkpoints (local path, NFS or s3://).
+    storage_path: str = "outputs/ray"
+    # Run name; empty = derived from the params digest, so rerunning the same params resumes.
+    run_name: str = ""
+    # Validate (PQ / AP / mIoU) every this many epochs, and after the last one.
+    eval_every: int = 4
+    # Restarts of a failed worker group from the latest checkpoint.
+    max_failures: int = 2
+    # Steps with a NaN/inf loss that are skipped before the run stops with an error.
+    max_bad_steps: int = 10
+    # Seconds to wait for the cluster to place the workers before failing with a message.
+    placement_timeout_s: float = 120.0
+    # The final checkpoint (the DVC stage's output, and evaluate.checkpoint's default).
+    output: str = "outputs/train/model.pt"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking (``knet/tracking.py`` is the only module that imports mlflow)."""
+
+    # sqlite file (relative paths from the project root) or an http(s):// tracking server.
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "knet"
+    # Artifact root for new experiments with a sqlite URI (ignored for servers).
+    artifact_location: str = "mlartifacts"
+    # False turns tracking off (runs still train and checkpoint).
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,6 +284,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) that :func:`config_from_dict` reads back."""
@@ -288,6 +321,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.num_workers": (0, 256),
     "train.epochs": (1, 100000),
     "train.batch_size": (1, 4096),
+    "train.num_workers": (0, 4096),
+    "train.cpus_per_worker": (0.01, 1024),
+    "train.eval_every": (1, 100000),
+    "train.max_failures": (-1, 1000),
+    "train.max_bad_steps": (0, 1_000_000),
+    "train.placement_timeout_s": (1, 86400),
     "optim.lr": (0.0, 10.0),
     "optim.warmup_ratio": (0.0, 1.0),
 }

@@ -31,6 +31,10 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many steps with a NaN/inf loss (``train.max_bad_steps``)."""
+
+
 def train_step(
     model: nn.Module,
     criterion: KNetCriterion,
@@ -38,14 +42,19 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     optim_cfg: OptimConfig,
     amp: bool = True,
-) -> dict[str, torch.Tensor]:
-    """One optimisation step; returns the detached loss terms and ``loss`` (no host sync)."""
+) -> dict[str, torch.Tensor] | None:
+    """One optimisation step; the detached loss terms and ``loss``, or None when skipped.
+
+    A step whose loss is NaN/inf updates nothing (one host sync; the matcher syncs anyway).
+    """
     device = batch.images.device
     with autocast(device, amp):
         outputs = model(batch.images)
     losses = criterion(outputs, batch.targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
+    if not bool(torch.isfinite(loss)):
+        return None
     loss.backward()
     clip_gradients(model, optim_cfg)
     optimizer.step()
@@ -62,15 +71,35 @@ def train_one_epoch(
     device: torch.device,
     amp: bool = True,
     progress: bool = False,
+    max_bad_steps: int | None = None,
+    bad_steps: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss terms, images and images per second."""
+    """One pass over ``loader``: mean loss terms, images, images/s and ``bad_steps``.
+
+    ``bad_steps`` counts NaN/inf steps so far (over the run); past ``max_bad_steps`` the epoch
+    stops with :class:`NonFiniteLossError`. ``on_step(step)`` is called before each step.
+    """
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     steps = images = 0
     start = time.perf_counter()
-    for batch in tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False):
+    for step, batch in enumerate(
+        tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False, mininterval=2.0)
+    ):
+        if on_step is not None:
+            on_step(step)
         batch = batch.to(device, non_blocking=True)
-        for name, value in train_step(model, criterion, batch, optimizer, optim_cfg, amp).items():
+        losses = train_step(model, criterion, batch, optimizer, optim_cfg, amp)
+        if losses is None:
+            bad_steps += 1
+            if max_bad_steps is not None and bad_steps > max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{bad_steps} steps had a NaN/inf loss (train.max_bad_steps="
+                    f"{max_bad_steps}); stopping. The last good checkpoint is kept."
+                )
+            continue
+        for name, value in losses.items():
             sums[name] += value
         if scheduler is not None:
             scheduler.step()
@@ -78,7 +107,12 @@ def train_one_epoch(
         images += len(batch)
     seconds = time.perf_counter() - start
     means = {name: float(total) / max(steps, 1) for name, total in sums.items()}  # one sync
-    return {**means, "images": images, "images_per_s": images / seconds if seconds else 0.0}
+    return {
+        **means,
+        "images": images,
+        "bad_steps": bad_steps,
+        "images_per_s": images / seconds if seconds else 0.0,
+    }
 
 
 @dataclass

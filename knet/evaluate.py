@@ -109,44 +109,23 @@ def evaluate_model(
     _check_categories(categories, dataset)
     if max_images is not None:
         dataset.images = dataset.images[:max_images]
-    loader = build_loader(
-        dataset,
-        cfg.train.batch_size,
-        train=False,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    tasks = TASKS_OF_MODEL[task]
-    metrics = _metrics_for(tasks, categories)
     kernel_view = _KernelView(categories.num_things) if kernel_maps and task != "semantic" else None
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with atomic_directory(out) as tmp:
-        writer = _PanopticWriter(tmp, categories) if "panoptic" in tasks else None
-        predictions = run_inference(
+        writer = _PanopticWriter(tmp, categories) if task == "panoptic" else None
+        metrics = accumulate_metrics(
             model,
-            loader,
-            tasks,
-            categories.num_things,
-            categories.num_stuff if task == "panoptic" else 0,
-            cfg.model.postprocess,
+            dataset,
+            task,
+            categories,
+            cfg,
             device,
-            amp=cfg.train.amp,
             progress=progress,
-            on_outputs=kernel_view.add if kernel_view else None,
+            writer=writer,
+            kernel_view=kernel_view,
             timings=timings,
         )
-        for pred in predictions:
-            gt = dataset.ground_truth(pred.index)
-            for name, result in pred.results.items():
-                if name == "panoptic":
-                    metrics["pq"].update(gt, result)
-                    metrics["miou"].update(gt.semantic_map(), semantic_from_panoptic(result))
-                    writer.add(pred.image_id, result)
-                elif name == "instance":
-                    metrics["ap"].update(gt, result)
-                else:
-                    metrics["miou"].update(gt.semantic_map(), result.cpu().numpy())
         if writer is not None:
             writer.close()
         if "ap" in metrics:
@@ -157,7 +136,7 @@ def evaluate_model(
             kernel_view.save(tmp)
     seconds = time.perf_counter() - start
     computed = {name: metric.compute() for name, metric in metrics.items()}
-    flat = _flatten(computed)
+    flat = summarize(computed)
     flat.update(
         images=len(dataset),
         seconds=round(seconds, 3),
@@ -173,6 +152,62 @@ def evaluate_model(
             computed,
         )
     return flat
+
+
+def accumulate_metrics(
+    model: KNet,
+    dataset: PreparedDataset,
+    task: str,
+    categories: Categories,
+    cfg: Config,
+    device: torch.device,
+    indices: list[int] | None = None,
+    progress: bool = False,
+    writer: _PanopticWriter | None = None,
+    kernel_view: _KernelView | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Run the model over ``dataset`` (or the ``indices`` shard of it) and fill the metrics.
+
+    Data-parallel workers each pass their own disjoint shard and gather the metrics' state
+    dicts afterwards (``knet.metrics.gather``), so no image is counted twice.
+    """
+    loader = build_loader(
+        dataset,
+        cfg.train.batch_size,
+        train=False,
+        num_workers=cfg.data.num_workers,
+        sampler=indices,
+        pin_memory=device.type == "cuda",
+    )
+    tasks = TASKS_OF_MODEL[task]
+    metrics = _metrics_for(tasks, categories)
+    predictions = run_inference(
+        model,
+        loader,
+        tasks,
+        categories.num_things,
+        categories.num_stuff if task == "panoptic" else 0,
+        cfg.model.postprocess,
+        device,
+        amp=cfg.train.amp,
+        progress=progress,
+        on_outputs=kernel_view.add if kernel_view else None,
+        timings=timings,
+    )
+    for pred in predictions:
+        gt = dataset.ground_truth(pred.index)
+        for name, result in pred.results.items():
+            if name == "panoptic":
+                metrics["pq"].update(gt, result)
+                metrics["miou"].update(gt.semantic_map(), semantic_from_panoptic(result))
+                if writer is not None:
+                    writer.add(pred.image_id, result)
+            elif name == "instance":
+                metrics["ap"].update(gt, result)
+            else:
+                metrics["miou"].update(gt.semantic_map(), result.cpu().numpy())
+    return metrics
 
 
 def _check_categories(categories: Categories, dataset: PreparedDataset) -> None:
@@ -201,7 +236,7 @@ def _percent(value: float) -> float:
     return round(100.0 * value, 3) if not math.isnan(value) else value
 
 
-def _flatten(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
+def summarize(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
     """The headline numbers, in percent like the paper's tables."""
     flat: dict[str, float] = {}
     if "pq" in computed:

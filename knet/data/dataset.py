@@ -9,6 +9,7 @@ for evaluation). Letters: B images, G segments, H, W the padded batch size.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,7 @@ def build_loader(
     batch_size: int,
     train: bool,
     num_workers: int = 2,
-    sampler: Sampler | None = None,
+    sampler: Sampler | Iterable[int] | None = None,
     seed: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:

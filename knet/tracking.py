@@ -1,0 +1,173 @@
+"""MLflow tracking: the only module of knet that imports mlflow.
+
+A :class:`Tracker` lives on rank 0 of a training run: flattened params, per-epoch metrics,
+system information, lineage tags (git commit and dirty flag, the DVC hash of the prepared
+data, the params digest) and artifacts (the final checkpoint, kernel pictures).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from knet.config import Config, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The tracking URI cannot be used (unwritable sqlite folder, unreachable server)."""
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute under ``root`` (workers' cwd differs)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((root / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any work when the tracking store cannot be written or reached."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        folder = path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(
+                f"tracking.uri {uri}: folder {folder} does not exist or is not writable"
+            )
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingError(f"tracking.uri {uri}: {path} is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingError(f"tracking.uri {uri} is not reachable: {err}") from None
+        return
+    raise TrackingError(f"tracking.uri {uri}: use sqlite:///path/to/file.db or http(s)://host")
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params -> ``{"model.num_stages": "3", ...}`` (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def lineage_tags(cfg: Config, root: Path) -> dict[str, str]:
+    """git commit + dirty flag, DVC hash of the prepared data, params digest."""
+    tags = {"params_hash": cfg.digest(), "knet.task": cfg.model.task}
+    try:
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+        tags.update({"git_commit": commit, "git_dirty": str(dirty).lower()})
+    except (OSError, subprocess.CalledProcessError):
+        tags.update({"git_commit": "unknown", "git_dirty": "unknown"})
+    tags["data_hash"] = data_hash(cfg, root)
+    return tags
+
+
+def data_hash(cfg: Config, root: Path) -> str:
+    """The prepared data's DVC hash from ``dvc.lock`` when DVC produced it, else its manifest's."""
+    import yaml
+
+    prepared = Path(cfg.data.prepared)
+    lock = root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("prepare", {}).get("outs", []):
+            if (root / out["path"]).resolve() == prepared.resolve():
+                return f"dvc:{out.get('md5', '?')}"
+    manifest = prepared / "manifest.json"
+    if manifest.exists():
+        return f"manifest:{json.loads(manifest.read_text())['content_hash'][:32]}"
+    return "unknown"
+
+
+def system_info() -> dict[str, str]:
+    import torch
+
+    info = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": str(os.cpu_count()),
+        "cuda": str(torch.cuda.is_available()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return {f"sys.{k}": v for k, v in info.items()}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+
+
+class Tracker:
+    """One MLflow run; resumes the same run when given its id (training restarts)."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_name: str,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(cfg.uri)
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            location = None
+            if cfg.uri.startswith("sqlite:"):
+                location = Path(cfg.artifact_location).resolve().as_uri()
+            experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        self.run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else run_name,
+            experiment_id=experiment_id,
+            tags=dict(tags or {}),
+        )
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {k: v for k, v in params.items() if k not in existing}
+        items = list(fresh.items())
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v == v
+        }  # drop NaN
+        self.mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.mlflow.set_tags(dict(tags))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)

@@ -1,0 +1,544 @@
+"""``knet train``: K-Net on Ray Train (V2): DDP workers, checkpoints, resume, MLflow.
+
+One function per step of the paper-free plumbing:
+:func:`train` (the stage: checks, Ray, fit, final checkpoint) -> :func:`build_trainer`
+(shared with ``knet tune``) -> :func:`train_loop_per_worker` (every worker) ->
+:func:`knet.engine.train_one_epoch` (shared with the plain loop).
+
+Run names are deterministic (``train.run_name`` or the params digest), so rerunning the same
+command resumes from the latest checkpoint in ``train.storage_path``; a crashed worker group
+restarts from it (``train.max_failures``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knet.checkpoint import load_checkpoint, save_checkpoint
+from knet.config import Config, config_from_dict
+from knet.data.atomic import write_json_atomic
+from knet.data.dataset import build_dataset, build_loader
+from knet.engine import NonFiniteLossError, train_one_epoch
+from knet.evaluate import accumulate_metrics, summarize
+from knet.losses import KNetCriterion
+from knet.metrics import gather
+from knet.model import build_model
+from knet.optim import build_optimizer, build_scheduler
+from knet.tracking import check_tracking_uri, flatten, lineage_tags, resolve_uri, system_info
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "model.pt"
+
+
+class TrainSetupError(ValueError):
+    """A run that cannot start (bad inputs, unreachable cluster); raised before any work."""
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def train(
+    cfg: Config,
+    root: str | Path = ".",
+    run_name: str | None = None,
+    address: str | None = None,
+    test_hooks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` on Ray Train (or in-process with ``train.num_workers=0``).
+
+    Args:
+        root: project root; relative paths in ``cfg`` are taken from here.
+        run_name: overrides ``train.run_name``; the same name resumes the same run.
+        address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one.
+        test_hooks: test-only fault injection, e.g. ``{"kill": {"rank": 1, "epoch": 1,
+            "step": 2, "marker": "/tmp/x"}}`` (off in normal runs).
+
+    Returns:
+        A summary: run name, epochs, final metrics, checkpoint path, MLflow run id, seconds.
+    """
+    root = Path(root).resolve()
+    cfg = absolute_paths(cfg, root)
+    run_name = run_name or cfg.train.run_name or default_run_name(cfg)
+    check_inputs(cfg)
+    tags = lineage_tags(cfg, root) if cfg.tracking.enabled else {}
+    loop_config = {
+        "config": cfg.to_dict(),
+        "run_name": run_name,
+        "tags": tags,
+        "test_hooks": test_hooks or {},
+    }
+    start = time.perf_counter()
+    if cfg.train.num_workers == 0:
+        ctx = _Context(ray_worker=False)
+        try:
+            summary = train_loop_per_worker(loop_config, ctx)
+        except NonFiniteLossError:
+            if ctx.last_checkpoint:  # keep the last good checkpoint where DVC expects it
+                publish(ctx.last_checkpoint, cfg, root / "metrics")
+            raise
+    else:
+        summary = _train_on_ray(loop_config, cfg, run_name, address, root)
+    if summary.get("checkpoint"):
+        summary["checkpoint"] = publish(summary["checkpoint"], cfg, root / "metrics")
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["run_name"] = run_name
+    return summary
+
+
+def default_run_name(cfg: Config) -> str:
+    """``knet-<task>-<digest of the params>``: same params, same run, so reruns resume."""
+    return f"knet-{cfg.model.task}-{cfg.digest()}"
+
+
+def absolute_paths(cfg: Config, root: Path) -> Config:
+    """Every relative path in ``cfg`` made absolute (Ray workers run in other folders)."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path or os.path.isabs(path) else str(root / path)
+
+    data = dataclasses.replace(
+        cfg.data, raw=absolute(cfg.data.raw), prepared=absolute(cfg.data.prepared)
+    )
+    train_cfg = dataclasses.replace(
+        cfg.train, storage_path=absolute(cfg.train.storage_path), output=absolute(cfg.train.output)
+    )
+    tracking = dataclasses.replace(
+        cfg.tracking,
+        uri=resolve_uri(cfg.tracking.uri, root),
+        artifact_location=absolute(cfg.tracking.artifact_location),
+    )
+    return dataclasses.replace(cfg, data=data, train=train_cfg, tracking=tracking)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail fast with a clear message: missing prepared data, unusable tracking URI."""
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        index = Path(cfg.data.prepared) / split / "index.json"
+        if not index.exists():
+            raise TrainSetupError(
+                f"prepared data {index} does not exist; run `dvc repro prepare` "
+                f"(or `knet data synth && knet data prepare`) first"
+            )
+    if cfg.tracking.enabled:
+        try:
+            check_tracking_uri(cfg.tracking.uri)
+        except RuntimeError as err:
+            raise TrainSetupError(str(err)) from None
+
+
+def _train_on_ray(
+    loop_config: dict[str, Any], cfg: Config, run_name: str, address: str | None, root: Path
+) -> dict[str, Any]:
+    connect(address)
+    check_placement(cfg)
+    trainer = build_trainer(loop_config, cfg, run_name)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # V2 raises TrainingFailedError after the retries
+        raise RuntimeError(f"training run {run_name} failed: {err}") from err
+    checkpoint = None
+    if result.checkpoint is not None:
+        folder = Path(tempfile.mkdtemp(prefix="knet-final-"))
+        result.checkpoint.to_directory(str(folder))
+        checkpoint = str(folder / CHECKPOINT_FILE)
+    if result.error is not None:
+        if checkpoint:  # keep the last good checkpoint where DVC expects it
+            publish(checkpoint, cfg, root / "metrics")
+        raise result.error
+    summary = dict(result.return_value or {})
+    summary["checkpoint"] = checkpoint
+    summary["ray_path"] = result.path
+    return summary
+
+
+def publish(checkpoint: str | Path, cfg: Config, metrics_dir: Path) -> str:
+    """Copy the final checkpoint to ``train.output`` atomically; write the DVC metrics.
+
+    ``metrics/train.json`` holds the last epoch's numbers, ``metrics/train_history.json`` one
+    entry per epoch (the DVC plots).
+    """
+    output = Path(cfg.train.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, output)
+    payload = load_checkpoint(output)
+    history = payload.get("history", [])
+    if history:
+        write_json_atomic(metrics_dir / "train.json", history[-1], indent=2)
+        write_json_atomic(metrics_dir / "train_history.json", history, indent=1)
+    return str(output)
+
+
+# --------------------------------------------------------------------------- Ray plumbing
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` or start a local Ray instance sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
+    if address and address != "auto":
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise TrainSetupError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A quick TCP check, because ``ray.init`` retries an unreachable head for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise TrainSetupError(
+            f"cannot connect to the Ray cluster at {address!r}: {err}. Start a head with "
+            f"`ray start --head` or give --address auto / HOST:PORT of a running one"
+        ) from None
+
+
+def check_placement(cfg: Config) -> None:
+    """Refuse, before any work, a worker group the cluster can never place."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker
+    need_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        raise TrainSetupError(
+            f"train.num_workers={cfg.train.num_workers} x (train.cpus_per_worker="
+            f"{cfg.train.cpus_per_worker}{', 1 GPU' if cfg.train.use_gpu else ''}) needs "
+            f"{need_cpu:g} CPUs and {need_gpu} GPUs, but the cluster has "
+            f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
+        )
+
+
+def build_trainer(
+    loop_config: dict[str, Any], cfg: Config, run_name: str, callbacks: list | None = None
+):
+    """The TorchTrainer of a run (``knet tune`` builds the same one per trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.train.placement_timeout_s))
+    )
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=cfg.train.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+# ------------------------------------------------------------------------ every worker
+
+
+def train_loop_per_worker(
+    loop_config: dict[str, Any], ctx: _Context | None = None
+) -> dict[str, Any]:
+    """The training loop of one worker (Ray Train) or of the driver (``num_workers=0``)."""
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ctx or _Context(ray_worker=True)
+    device = ctx.device(cfg)
+    torch.manual_seed(cfg.train.seed + ctx.rank)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=True)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, cfg.model.task, train=False)
+    cats = train_set.categories
+    model = build_model(cfg.model, cats.num_things, cats.num_stuff).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    loader = ctx.prepare_loader(
+        build_loader(
+            train_set,
+            cfg.train.batch_size,
+            train=True,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    scheduler = build_scheduler(optimizer, cfg.optim, len(loader))
+    state = ctx.restore(model, optimizer, scheduler)
+    ddp_model = ctx.prepare_model(model)
+    criterion = KNetCriterion(cfg.loss, cfg.model.task, cats.num_things, cats.num_stuff)
+    poisoned = _NaNAfter(criterion, loop_config.get("test_hooks", {}).get("nan_from_epoch"))
+    tracker = _start_tracker(cfg, loop_config, state) if ctx.rank == 0 else None
+    history: list[dict[str, Any]] = state.get("history", [])
+    bad_steps = state.get("bad_steps", 0)
+    epoch_times: list[float] = []
+    for epoch in range(state.get("epoch", 0), cfg.train.epochs):
+        start = time.perf_counter()
+        ctx.set_epoch(loader, epoch)
+        stats = train_one_epoch(
+            ddp_model,
+            poisoned.at(epoch),
+            loader,
+            optimizer,
+            scheduler,
+            cfg.optim,
+            device,
+            amp=cfg.train.amp,
+            progress=ctx.rank == 0,
+            max_bad_steps=cfg.train.max_bad_steps,
+            bad_steps=bad_steps,
+            on_step=_kill_hook(loop_config, ctx.rank, epoch),
+        )
+        bad_steps = int(stats["bad_steps"])
+        metrics = {
+            "epoch": epoch + 1,
+            **{k: round(v, 5) for k, v in stats.items()},
+            "lr": optimizer.param_groups[-1]["lr"],
+        }
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            metrics.update(_validate(model, val_set, cfg, cats, device, ctx))
+        epoch_times.append(time.perf_counter() - start)
+        metrics["epoch_s"] = round(epoch_times[-1], 2)
+        history.append(metrics)
+        run_id = tracker.run_id if tracker else state.get("mlflow_run_id")
+        ctx.report(
+            metrics,
+            model,
+            cfg,
+            cats,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            epoch=epoch + 1,
+            history=history,
+            bad_steps=bad_steps,
+            mlflow_run_id=run_id,
+        )
+        if ctx.rank == 0:
+            _print_epoch(metrics, cfg.train.epochs, epoch_times)
+            if tracker:
+                tracker.log_metrics(metrics, step=epoch + 1)
+    summary = {
+        "epochs": cfg.train.epochs,
+        "final": history[-1] if history else {},
+        "checkpoint": ctx.last_checkpoint,
+        "mlflow_run_id": tracker.run_id if tracker else None,
+    }
+    if tracker:
+        _finish_tracker(tracker, model, val_set, cfg, cats, ctx)
+    return summary
+
+
+def _validate(model, val_set, cfg: Config, cats, device, ctx: _Context) -> dict[str, float]:
+    """PQ / AP / mIoU on the val split: each worker a disjoint shard, states gathered once."""
+    indices = list(range(ctx.rank, len(val_set), ctx.world_size))
+    metrics = accumulate_metrics(model, val_set, cfg.model.task, cats, cfg, device, indices=indices)
+    states = {name: metric.state_dict() for name, metric in metrics.items()}
+    gathered = ctx.all_gather(states)
+    if ctx.rank != 0:
+        return {}  # rank 0 reports the numbers
+    merged = {name: gather([s[name] for s in gathered]) for name in states}
+    computed = summarize({name: metric.compute() for name, metric in merged.items()})
+    return {f"val_{k}": v for k, v in computed.items()}
+
+
+def _print_epoch(metrics: dict[str, Any], epochs: int, times: list[float]) -> None:
+    remaining = (epochs - metrics["epoch"]) * (sum(times) / len(times))
+    shown = " ".join(
+        f"{k[4:]} {v:.1f}"
+        for k, v in metrics.items()
+        if k.startswith("val_") and isinstance(v, float) and v == v
+    )
+    print(
+        f"epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.3f}  {shown}  "
+        f"{metrics['images_per_s']:.1f} img/s  ETA {remaining / 60:.1f} min",
+        flush=True,
+    )
+
+
+def _kill_hook(loop_config: dict[str, Any], rank: int, epoch: int):
+    """Test-only fault injection: kill this worker process once at (rank, epoch, step)."""
+    kill = loop_config.get("test_hooks", {}).get("kill")
+    if not kill or kill["rank"] != rank or kill["epoch"] != epoch:
+        return None
+    marker = Path(kill["marker"])
+
+    def on_step(step: int) -> None:
+        if step == kill["step"] and not marker.exists():
+            marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+            os._exit(1)  # a crash, not an exception: the worker group must restart
+
+    return on_step
+
+
+class _NaNAfter:
+    """Test-only hook: from epoch ``start`` on, every loss term is NaN (off when None)."""
+
+    def __init__(self, criterion: KNetCriterion, start: int | None) -> None:
+        self.criterion, self.start = criterion, start
+
+    def at(self, epoch: int):
+        if self.start is None or epoch < self.start:
+            return self.criterion
+        return lambda outputs, targets: {
+            k: v * float("nan") for k, v in self.criterion(outputs, targets).items()
+        }
+
+
+def _start_tracker(cfg: Config, loop_config: dict[str, Any], state: dict[str, Any]):
+    if not cfg.tracking.enabled:
+        return None
+    from knet.tracking import Tracker
+
+    tracker = Tracker(
+        cfg.tracking,
+        loop_config["run_name"],
+        run_id=state.get("mlflow_run_id"),
+        tags={**loop_config["tags"], **system_info()},
+    )
+    tracker.log_params(flatten(cfg.to_dict()))
+    return tracker
+
+
+def _finish_tracker(tracker, model, val_set, cfg: Config, cats, ctx: _Context) -> None:
+    """Final checkpoint and the kernel pictures (rank 0), then close the run."""
+    from knet.evaluate import evaluate_model
+
+    if ctx.last_checkpoint:
+        tracker.log_artifact(ctx.last_checkpoint, "checkpoint")
+    if cfg.model.task != "semantic":
+        with tempfile.TemporaryDirectory() as folder:
+            evaluate_model(
+                model,
+                cfg.model.task,
+                cats,
+                cfg,
+                out=Path(folder) / "eval",
+                metrics_file=None,
+                kernel_maps=True,
+                progress=False,
+            )
+            for picture in sorted((Path(folder) / "eval").glob("*.png")):
+                tracker.log_artifact(picture, "kernel_maps")
+    tracker.end()
+
+
+class _Context:
+    """What differs between a Ray Train worker and the in-process loop."""
+
+    def __init__(self, ray_worker: bool) -> None:
+        self.ray_worker = ray_worker
+        self.rank, self.world_size = 0, 1
+        self.last_checkpoint: str | None = None
+        if ray_worker:
+            import ray.train
+
+            context = ray.train.get_context()
+            self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self._local_dir = Path(tempfile.mkdtemp(prefix="knet-ckpt-"))
+
+    def device(self, cfg: Config) -> torch.device:
+        if self.ray_worker:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        use_cuda = cfg.train.use_gpu and torch.cuda.is_available()
+        return torch.device("cuda" if use_cuda else "cpu")
+
+    def prepare_loader(self, loader):
+        if not self.ray_worker:
+            return loader
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def prepare_model(self, model):
+        if not self.ray_worker:
+            return model
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def set_epoch(self, loader, epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def restore(self, model, optimizer, scheduler) -> dict[str, Any]:
+        """Load the latest checkpoint of this run, if any; returns its bookkeeping."""
+        payload = None
+        if self.ray_worker:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                with checkpoint.as_directory() as folder:
+                    payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        if payload is None:
+            return {}
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if self.rank == 0:
+            print(f"resuming after epoch {payload['epoch']}", flush=True)
+        return {
+            k: payload.get(k)
+            for k in ("epoch", "history", "bad_steps", "mlflow_run_id")
+            if payload.get(k) is not None
+        }
+
+    def report(self, metrics: dict[str, Any], model, cfg: Config, cats, **state: Any) -> None:
+        """Rank 0 writes the checkpoint; every rank reports (it is a barrier in Ray)."""
+        folder = self._local_dir / f"epoch-{state['epoch']}"
+        if self.rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(folder / CHECKPOINT_FILE, model, cfg, cats, **state)
+            self.last_checkpoint = str(folder / CHECKPOINT_FILE)
+        if not self.ray_worker:
+            return
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None
+        clean = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        ray.train.report(clean, checkpoint=checkpoint)
+        if self.rank == 0:
+            # Ray copied it to storage; keep only the newest local copy.
+            for old in self._local_dir.glob("epoch-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["TrainSetupError", "build_trainer", "train", "train_loop_per_worker"]

@@ -1,0 +1,193 @@
+"""Training on real Ray Train and real MLflow (temporary sqlite), all on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from knet.checkpoint import load_checkpoint
+from knet.config import load_config
+from knet.data.prepare import prepare
+from knet.data.synth import generate
+from knet.engine import NonFiniteLossError
+from knet.train import TrainSetupError, train
+from tests.conftest import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train-data")
+    cfg = load_config(
+        ROOT / "params.yaml",
+        [
+            f"data.synth.out={tmp / 'raw'}",
+            f"data.raw={tmp / 'raw'}",
+            f"data.prepared={tmp / 'prepared'}",
+            "data.synth.image_size=64",
+            "data.synth.train_images=8",
+            "data.synth.val_images=4",
+        ],
+    )
+    generate(cfg.data.raw, cfg.data.synth, cfg.data, progress=False)
+    prepare(cfg.data, progress=False)
+    return tmp
+
+
+def run_config(data: Path, tmp: Path, *extra: str):
+    return load_config(
+        ROOT / "params.yaml",
+        [
+            *TINY_OVERRIDES,
+            f"data.raw={data / 'raw'}",
+            f"data.prepared={data / 'prepared'}",
+            "data.min_size=[64]",
+            "data.max_size=64",
+            "data.test_size=64",
+            "data.num_workers=0",
+            "train.batch_size=2",
+            "optim.lr=0.001",
+            "optim.warmup_iters=0",
+            f"train.storage_path={tmp / 'ray'}",
+            f"train.output={tmp / 'out' / 'model.pt'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp / 'mlartifacts'}",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_missing_prepared_data_fails_before_any_work(tmp_path):
+    cfg = run_config(tmp_path, tmp_path)
+    with pytest.raises(TrainSetupError, match="run `dvc repro prepare`"):
+        train(cfg, root=tmp_path)
+
+
+def test_unwritable_tracking_uri_fails_before_any_work(data, tmp_path):
+    cfg = run_config(data, tmp_path, "tracking.uri=sqlite:////nonexistent/dir/mlflow.db")
+    with pytest.raises(TrainSetupError, match="/nonexistent/dir"):
+        train(cfg, root=tmp_path)
+    cfg = run_config(data, tmp_path, "tracking.uri=http://127.0.0.1:9")
+    with pytest.raises(TrainSetupError, match="not reachable"):
+        train(cfg, root=tmp_path)
+
+
+@pytest.mark.slow
+def test_nan_losses_are_skipped_then_stop_with_the_last_good_checkpoint(data, tmp_path):
+    cfg = run_config(
+        data,
+        tmp_path,
+        "train.num_workers=0",
+        "train.epochs=3",
+        "train.max_bad_steps=2",
+        "train.eval_every=10",
+        "tracking.enabled=false",
+    )
+    with pytest.raises(NonFiniteLossError, match="train.max_bad_steps=2"):
+        train(cfg, root=tmp_path, test_hooks={"nan_from_epoch": 1})
+    kept = load_checkpoint(tmp_path / "out" / "model.pt")
+    assert kept["epoch"] == 1  # the last good one
+    assert kept["history"][-1]["bad_steps"] == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_num_workers_beyond_the_cluster_is_refused(data, tmp_path, local_ray):
+    cfg = run_config(data, tmp_path, "train.num_workers=8")
+    with pytest.raises(TrainSetupError, match="needs 8 CPUs"):
+        train(cfg, root=tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
+    import mlflow
+
+    cfg = run_config(
+        data,
+        tmp_path,
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.epochs=2",
+        "train.eval_every=2",
+    )
+    first = train(cfg, root=tmp_path, run_name="resume-test")
+    assert first["epochs"] == 2
+    history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert "val_pq" in history[-1] and "val_miou" in history[-1]
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    run = mlflow.get_run(first["mlflow_run_id"])
+    assert run.data.params["model.num_stages"] == "2"
+    for tag in ("git_commit", "git_dirty", "data_hash", "params_hash", "sys.torch"):
+        assert tag in run.data.tags
+    assert run.data.tags["params_hash"] == cfg.digest()
+    losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    assert "checkpoint" in artifacts and "kernel_maps" in artifacts
+
+    # Rerunning the same run with more epochs continues after epoch 2, in the same MLflow run.
+    more = run_config(
+        data,
+        tmp_path,
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.epochs=3",
+        "train.eval_every=2",
+    )
+    second = train(more, root=tmp_path, run_name="resume-test")
+    history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert load_checkpoint(tmp_path / "out" / "model.pt")["epoch"] == 3
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(data, tmp_path, local_ray):
+    cfg = run_config(
+        data,
+        tmp_path,
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.epochs=3",
+        "train.eval_every=10",
+        "train.max_failures=2",
+        "tracking.enabled=false",
+    )
+    marker = tmp_path / "killed"
+    summary = train(
+        cfg,
+        root=tmp_path,
+        run_name="kill-test",
+        test_hooks={"kill": {"rank": 1, "epoch": 1, "step": 1, "marker": str(marker)}},
+    )
+    assert marker.exists()  # the worker really died once
+    history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept, epoch 2 redone once
+    assert summary["epochs"] == 3
+
+
+def test_unreachable_address_fails_with_a_message(data, tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already connected in this process")
+    cfg = run_config(data, tmp_path, "train.num_workers=1")
+    with pytest.raises(TrainSetupError, match="cannot connect to the Ray cluster at '127.0.0.1:1'"):
+        train(cfg, root=tmp_path, address="127.0.0.1:1")
