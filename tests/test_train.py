@@ -191,3 +191,29 @@ def test_unreachable_address_fails_with_a_message(data, tmp_path):
     cfg = run_config(data, tmp_path, "train.num_workers=1")
     with pytest.raises(TrainSetupError, match="cannot connect to the Ray cluster at '127.0.0.1:1'"):
         train(cfg, root=tmp_path, address="127.0.0.1:1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "metric"), [("panoptic", "val_pq"), ("instance", "val_ap50"), ("semantic", "val_miou")]
+)
+def test_every_task_trains_through_the_same_command_and_its_metric_rises(
+    data, tmp_path, task, metric
+):
+    # Validation on the training images: this checks that learning happens, not generalisation.
+    cfg = run_config(
+        data,
+        tmp_path,
+        f"model.task={task}",
+        "train.num_workers=0",
+        "train.epochs=12",
+        "train.eval_every=1",
+        "data.val_split=train",
+        "data.flip_prob=0.0",
+        "tracking.enabled=false",
+    )
+    summary = train(cfg, root=tmp_path)
+    history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+    first, best = history[0][metric], max(h[metric] for h in history)
+    assert best > first, f"{metric}: {[h[metric] for h in history]}"
+    assert summary["final"]["epoch"] == 12
