@@ -188,11 +188,11 @@ def connect(address: str | None) -> None:
     """Join ``address`` or start a local Ray instance sized to this machine."""
     import ray
 
+    if address and address != "auto":
+        _check_reachable(address)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
-    if address and address != "auto":
-        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

@@ -184,10 +184,6 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(data, tmp_path, loc
 
 
 def test_unreachable_address_fails_with_a_message(data, tmp_path):
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already connected in this process")
     cfg = run_config(data, tmp_path, "train.num_workers=1")
     with pytest.raises(TrainSetupError, match="cannot connect to the Ray cluster at '127.0.0.1:1'"):
         train(cfg, root=tmp_path, address="127.0.0.1:1")

@@ -1,0 +1,103 @@
+"""Training throughput: the plain engine loop vs Ray Train with 1 and 2 workers, same config.
+
+``python -m benchmarks.train_loop``: the tiny default (``params.yaml``) on the default synthetic
+data (run ``dvc repro prepare`` first), 4 epochs each, validation and tracking off. Images/s is
+the median of the per-epoch numbers after the first epoch (start-up excluded); wall time
+includes start-up. Also times ``save_checkpoint`` and reports the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(workers: int, folder: Path) -> dict:
+    from knet.config import load_config
+    from knet.train import train
+
+    prepared = Path("data/prepared").resolve()
+    overrides = [
+        f"data.prepared={prepared}",
+        f"train.num_workers={workers}",
+        "train.epochs=4",
+        "train.eval_every=100",
+        "tracking.enabled=false",
+        f"train.storage_path={folder / 'ray'}",
+        f"train.output={folder / f'model-{workers}.pt'}",
+        "train.max_failures=0",
+    ]
+    if workers:
+        overrides.append(f"train.cpus_per_worker={2 / workers}")
+    cfg = load_config("params.yaml", overrides)
+    start = time.perf_counter()
+    train(cfg, root=folder, run_name=f"bench-{workers}")  # metrics land in folder/metrics
+    wall = time.perf_counter() - start
+    history = json.loads((folder / "metrics" / "train_history.json").read_text())
+    # Each rank reports its own images/s over its shard; the run's throughput is the sum.
+    rates = [h["images_per_s"] * max(workers, 1) for h in history[1:]]
+    return {"workers": workers, "images_per_s": statistics.median(rates), "wall_s": wall}
+
+
+def checkpoint_cost(folder: Path) -> dict:
+    import torch
+
+    from knet.checkpoint import save_checkpoint
+    from knet.config import load_config
+    from knet.data.dataset import build_dataset
+    from knet.model import build_model
+    from knet.optim import build_optimizer
+
+    cfg = load_config("params.yaml")
+    cats = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=False).categories
+    model = build_model(cfg.model, cats.num_things, cats.num_stuff)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randn(1, 3, 128, 128)).last.mask_logits.sum().backward()
+    optimizer.step()  # AdamW state exists, as in a training checkpoint
+    path = folder / "ckpt.pt"
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        save_checkpoint(path, model, cfg, cats, optimizer=optimizer.state_dict(), epoch=1)
+        times.append(time.perf_counter() - start)
+    return {
+        "checkpoint_mib": round(path.stat().st_size / 2**20, 2),
+        "save_s_median": round(statistics.median(times), 4),
+    }
+
+
+def main() -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for workers in (0, 1, 2):
+            rows.append(run(workers, folder))
+        cost = checkpoint_cost(folder)
+    plain = rows[0]["images_per_s"]
+    print(f"cpu cores {os.cpu_count()}")
+    print(
+        "| loop | train images/s, all workers (median of epochs 2-4) | ratio to plain | "
+        "wall s (4 epochs) |"
+    )
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        name = "plain engine loop" if r["workers"] == 0 else f"Ray Train, {r['workers']} worker(s)"
+        print(
+            f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / plain:.2f} | "
+            f"{r['wall_s']:.1f} |"
+        )
+    print(
+        f"checkpoint (weights + AdamW state + config): {cost['checkpoint_mib']} MiB, "
+        f"save {cost['save_s_median'] * 1000:.0f} ms (median of 5)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
