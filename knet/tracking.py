@@ -69,9 +69,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def lineage_tags(cfg: Config, root: Path) -> dict[str, str]:
+def lineage_tags(cfg: Config, root: Path, params_hash: str | None = None) -> dict[str, str]:
     """git commit + dirty flag, DVC hash of the prepared data, params digest."""
-    tags = {"params_hash": cfg.digest(), "knet.task": cfg.model.task}
+    tags = {"params_hash": params_hash or cfg.digest(), "knet.task": cfg.model.task}
     try:
         commit = _git(root, "rev-parse", "HEAD")
         dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))

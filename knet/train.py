@@ -68,10 +68,11 @@ def train(
         A summary: run name, epochs, final metrics, checkpoint path, MLflow run id, seconds.
     """
     root = Path(root).resolve()
-    cfg = absolute_paths(cfg, root)
+    params_hash = cfg.digest()  # of the params as written, before paths are made absolute
     run_name = run_name or cfg.train.run_name or default_run_name(cfg)
+    cfg = absolute_paths(cfg, root)
     check_inputs(cfg)
-    tags = lineage_tags(cfg, root) if cfg.tracking.enabled else {}
+    tags = lineage_tags(cfg, root, params_hash) if cfg.tracking.enabled else {}
     loop_config = {
         "config": cfg.to_dict(),
         "run_name": run_name,
