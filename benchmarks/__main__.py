@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks import run_measurement
 
 CASES = [
     # name, module arguments
@@ -49,19 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, case_args in CASES:
         if args.quick and "800" in case_args:
-            case_args = [a for a in case_args]
+            case_args = list(case_args)
             i = case_args.index("--size")
             case_args[i + 1 : i + 3] = ["384", "640"]
             name = name.replace("800x1333", "384x640")
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.model_step", *case_args],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["case"] = name
-        rows.append(row)
+        rows.append(run_measurement(["-m", "benchmarks.model_step", *case_args], name))
     print(f"device {rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['threads']} threads")
     print("| case | params | step s (median, min-max) | peak memory MiB |")
     print("|---|---:|---:|---:|")

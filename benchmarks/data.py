@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import run_measurement
 
 STAGE = r"""
 import json, resource, sys, time
@@ -61,18 +62,10 @@ print(json.dumps({"stage": stage, "images": images, "seconds": seconds,
 
 
 def run_case(name: str, overrides: list[str]) -> list[dict]:
-    rows = []
-    for stage in ("synth", "validate", "prepare", "loader"):
-        out = subprocess.run(
-            [sys.executable, "-c", STAGE, stage, "params.yaml", json.dumps(overrides)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["case"] = name
-        rows.append(row)
-    return rows
+    return [
+        run_measurement(["-c", STAGE, stage, "params.yaml", json.dumps(overrides)], name)
+        for stage in ("synth", "validate", "prepare", "loader")
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
