@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -211,6 +211,23 @@ def _is_flag(value: Any) -> bool:
     return isinstance(value, int) and value in (0, 1)
 
 
+class _Rule(NamedTuple):
+    """What a JSON value must satisfy, and how messages describe it."""
+
+    check: Callable[[Any], bool]
+    desc: str
+
+
+_INT = _Rule(_is_int, "an int")
+_POSITIVE_INT = _Rule(lambda v: _is_int(v) and v > 0, "a positive int")
+_STRING = _Rule(lambda v: isinstance(v, str), "a string")
+_NAME = _Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_LIST = _Rule(lambda v: isinstance(v, list), "a list")
+_AREA = _Rule(lambda v: _is_number(v) and v >= 0, "a non-negative number")
+_FLAG = _Rule(_is_flag, "0 or 1")
+_SEGMENTATION = _Rule(lambda v: isinstance(v, (list, dict)), "a list of polygons or an RLE object")
+
+
 def _show(value: Any) -> str:
     """A JSON value as ``kind value`` for messages, shortened."""
     if value is None:
@@ -315,6 +332,10 @@ class _PanopticAnnotation:
     segments: dict[int, _Segment]
 
 
+def _by_id(images: list[_Image] | None) -> dict[int, _Image] | None:
+    return None if images is None else {image.id: image for image in images}
+
+
 # --------------------------------------------------------------------------------------------
 # The checker
 # --------------------------------------------------------------------------------------------
@@ -364,8 +385,7 @@ class _Checker:
         obj: dict[str, Any],
         key: str,
         path: str,
-        check: Callable[[Any], bool],
-        desc: str,
+        rule: _Rule,
         file: Path,
         *,
         required: bool = True,
@@ -392,11 +412,11 @@ class _Checker:
                 return False, None
             return True, None
         value = obj[key]
-        if not check(value):
+        if not rule.check(value):
             self.add(
                 "error",
                 code,
-                f"{where} must be {desc} (got {_show(value)})",
+                f"{where} must be {rule.desc} (got {_show(value)})",
                 file=file,
                 image_id=image_id,
                 segment_id=segment_id,
@@ -404,6 +424,88 @@ class _Checker:
             )
             return False, None
         return True, value
+
+    def structure_error(
+        self, message: str, path: str, file: Path, image_id: int | None = None
+    ) -> None:
+        """Record a ``json_structure`` error at ``path``."""
+        self.add("error", "json_structure", message, file=file, image_id=image_id, json_path=path)
+
+    def objects(
+        self, items: list[Any], prefix: str, file: Path, image_id: int | None = None
+    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """``(index, json_path, entry)`` of each object in a JSON list; records the others."""
+        for i, entry in enumerate(items):
+            path = f"{prefix}[{i}]"
+            if isinstance(entry, dict):
+                yield i, path, entry
+            else:
+                self.structure_error(
+                    f"{path} must be an object (got {_show(entry)})", path, file, image_id
+                )
+
+    def expect_category(
+        self,
+        obj: dict[str, Any],
+        path: str,
+        categories: set[int] | None,
+        file: Path,
+        image_id: int | None,
+        segment_id: int | None,
+    ) -> None:
+        """Check ``obj.category_id``: an int that is among ``categories``."""
+        ok, category_id = self.expect(
+            obj, "category_id", path, _INT, file, image_id=image_id, segment_id=segment_id
+        )
+        if ok:
+            self.check_category(
+                category_id, categories, file, f"{path}.category_id", image_id, segment_id
+            )
+
+    def expect_iscrowd(
+        self,
+        obj: dict[str, Any],
+        path: str,
+        file: Path,
+        image_id: int | None,
+        segment_id: int | None,
+    ) -> None:
+        """Check the optional ``obj.iscrowd`` flag (``bad_iscrowd`` when not 0 / 1)."""
+        self.expect(
+            obj,
+            "iscrowd",
+            path,
+            _FLAG,
+            file,
+            required=False,
+            code="bad_iscrowd",
+            image_id=image_id,
+            segment_id=segment_id,
+        )
+
+    def known_image(
+        self,
+        images: dict[int, _Image] | None,
+        image_id: int,
+        what: str,
+        path: str,
+        file: Path,
+        segment_id: int | None = None,
+    ) -> bool:
+        """False, recording ``unknown_image_id``, when ``what`` at ``path`` names an image id
+        that is not among ``images`` (None: images unknown, anything goes)."""
+        if images is None or image_id in images:
+            return True
+        self.add(
+            "error",
+            "unknown_image_id",
+            f"{what} is for image id {image_id}, which is not in images",
+            file=file,
+            image_id=image_id,
+            segment_id=segment_id,
+            json_path=f"{path}.image_id",
+        )
+        return False
 
     def progress_over(self, items: list[Any], what: str) -> Iterable[Any]:
         """``items`` wrapped in a tqdm bar on stderr when progress is on."""
@@ -460,39 +562,44 @@ class _Checker:
         """The images / annotations / categories lists of a COCO file (None where unusable)."""
         keys = ("images", "annotations", "categories")
         if not isinstance(data, dict):
-            self.add(
-                "error",
-                "json_structure",
+            self.structure_error(
                 "top level must be an object with images, annotations and categories "
                 f"(got {_show(data)})",
-                file=file,
-                json_path="$",
+                "$",
+                file,
             )
             return dict.fromkeys(keys)
         out: dict[str, list[Any] | None] = {}
         for key in keys:
-            ok, value = self.expect(data, key, "", lambda v: isinstance(v, list), "a list", file)
-            out[key] = value if ok else None
+            _, out[key] = self.expect(data, key, "", _LIST, file)
         return out
+
+    def load_coco(
+        self, file: Path
+    ) -> tuple[list[Any] | None, set[int] | None, list[_Image] | None] | None:
+        """``(raw annotations, category ids, images)`` of a COCO file, each None where unusable;
+        None when the file cannot be loaded."""
+        loaded, data = self.load_json(file)
+        if not loaded:
+            return None
+        sections = self.coco_sections(data, file)
+        categories = (
+            None
+            if sections["categories"] is None
+            else self.categories(sections["categories"], "categories", file)
+        )
+        images = None if sections["images"] is None else self.coco_images(sections["images"], file)
+        self.num_images = len(images or [])
+        return sections["annotations"], categories, images
 
     # ---- categories ------------------------------------------------------------------------
 
-    def coco_categories(self, categories: list[Any], file: Path) -> set[int]:
-        """Category ids of a COCO file; records malformed and duplicate entries."""
+    def categories(self, entries: list[Any], prefix: str, file: Path) -> set[int]:
+        """Category ids of a categories list; records malformed and duplicate entries."""
         first_at: dict[int, int] = {}
-        for i, cat in enumerate(categories):
-            path = f"categories[{i}]"
-            if not isinstance(cat, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(cat)})",
-                    file=file,
-                    json_path=path,
-                )
-                continue
-            ok, cid = self.expect(cat, "id", path, _is_int, "an int", file)
-            self.expect(cat, "name", path, lambda v: isinstance(v, str), "a string", file)
+        for i, path, cat in self.objects(entries, prefix, file):
+            ok, cid = self.expect(cat, "id", path, _INT, file)
+            self.expect(cat, "name", path, _STRING, file)
             if self.fmt == "coco_panoptic" and "isthing" not in cat:
                 self.add(
                     "error",
@@ -503,15 +610,24 @@ class _Checker:
                     json_path=f"{path}.isthing",
                 )
             else:
-                self.expect(cat, "isthing", path, _is_flag, "0 or 1", file, required=False)
+                self.expect(cat, "isthing", path, _FLAG, file, required=False)
             if not ok:
+                continue
+            if self.fmt == "semantic_png" and not 0 <= cid <= 254:
+                self.add(
+                    "error",
+                    "bad_category_id",
+                    f"category id {cid} at {path} is outside 0..254 (255 means ignore)",
+                    file=file,
+                    json_path=f"{path}.id",
+                )
                 continue
             if cid in first_at:
                 self.add(
                     "error",
                     "duplicate_category_id",
                     f"category id {cid} is defined again at {path} "
-                    f"(first at categories[{first_at[cid]}])",
+                    f"(first at {prefix}[{first_at[cid]}])",
                     file=file,
                     json_path=f"{path}.id",
                 )
@@ -526,51 +642,11 @@ class _Checker:
         if not loaded:
             return None
         if not isinstance(data, list):
-            self.add(
-                "error",
-                "json_structure",
-                f"top level must be a list of {{id, name, isthing?}} (got {_show(data)})",
-                file=file,
-                json_path="$",
+            self.structure_error(
+                f"top level must be a list of {{id, name, isthing?}} (got {_show(data)})", "$", file
             )
             return None
-        first_at: dict[int, int] = {}
-        for i, cat in enumerate(data):
-            path = f"[{i}]"
-            if not isinstance(cat, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(cat)})",
-                    file=file,
-                    json_path=path,
-                )
-                continue
-            ok, cid = self.expect(cat, "id", path, _is_int, "an int", file)
-            self.expect(cat, "name", path, lambda v: isinstance(v, str), "a string", file)
-            self.expect(cat, "isthing", path, _is_flag, "0 or 1", file, required=False)
-            if not ok:
-                continue
-            if not 0 <= cid <= 254:
-                self.add(
-                    "error",
-                    "bad_category_id",
-                    f"category id {cid} at {path} is outside 0..254 (255 means ignore)",
-                    file=file,
-                    json_path=f"{path}.id",
-                )
-                continue
-            if cid in first_at:
-                self.add(
-                    "error",
-                    "duplicate_category_id",
-                    f"category id {cid} is defined again at {path} (first at [{first_at[cid]}])",
-                    file=file,
-                    json_path=f"{path}.id",
-                )
-            else:
-                first_at[cid] = i
-        return set(first_at)
+        return self.categories(data, "", file)
 
     def check_category(
         self,
@@ -599,26 +675,15 @@ class _Checker:
         """Usable image entries (first occurrence of each id); records malformed entries."""
         out: list[_Image] = []
         first_at: dict[int, int] = {}
-        for i, entry in enumerate(images):
-            path = f"images[{i}]"
-            if not isinstance(entry, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(entry)})",
-                    file=file,
-                    json_path=path,
-                )
-                continue
-            ok, image_id = self.expect(entry, "id", path, _is_int, "an int", file)
-            image_id = image_id if ok else None
+        for i, path, entry in self.objects(images, "images", file):
+            _, image_id = self.expect(entry, "id", path, _INT, file)
             fields: dict[str, Any] = {}
-            for key, check, desc in (
-                ("file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-                ("height", lambda v: _is_int(v) and v > 0, "a positive int"),
-                ("width", lambda v: _is_int(v) and v > 0, "a positive int"),
+            for key, rule in (
+                ("file_name", _NAME),
+                ("height", _POSITIVE_INT),
+                ("width", _POSITIVE_INT),
             ):
-                _, fields[key] = self.expect(entry, key, path, check, desc, file, image_id=image_id)
+                _, fields[key] = self.expect(entry, key, path, rule, file, image_id=image_id)
             if image_id is None:
                 continue
             if image_id in first_at:
@@ -731,51 +796,16 @@ class _Checker:
     ) -> dict[int, _PanopticAnnotation]:
         """Usable panoptic annotations by image id; records JSON-level problems."""
         out: dict[int, _PanopticAnnotation] = {}
-        for i, ann in enumerate(annotations):
-            path = f"annotations[{i}]"
-            if not isinstance(ann, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(ann)})",
-                    file=file,
-                    json_path=path,
-                )
-                continue
-            ok, image_id = self.expect(ann, "image_id", path, _is_int, "an int", file)
-            image_id = image_id if ok else None
-            _, file_name = self.expect(
-                ann,
-                "file_name",
-                path,
-                lambda v: isinstance(v, str) and v != "",
-                "a non-empty string",
-                file,
-                image_id=image_id,
+        for i, path, ann in self.objects(annotations, "annotations", file):
+            _, image_id = self.expect(ann, "image_id", path, _INT, file)
+            _, file_name = self.expect(ann, "file_name", path, _NAME, file, image_id=image_id)
+            _, segments_info = self.expect(
+                ann, "segments_info", path, _LIST, file, image_id=image_id
             )
-            ok, segments_info = self.expect(
-                ann,
-                "segments_info",
-                path,
-                lambda v: isinstance(v, list),
-                "a list",
-                file,
-                image_id=image_id,
-            )
-            segments = self.panoptic_segments(
-                segments_info if ok else [], path, image_id, categories, file
-            )
+            segments = self.panoptic_segments(segments_info or [], path, image_id, categories, file)
             if image_id is None:
                 continue
-            if images is not None and image_id not in images:
-                self.add(
-                    "error",
-                    "unknown_image_id",
-                    f"{path} is for image id {image_id}, which is not in images",
-                    file=file,
-                    image_id=image_id,
-                    json_path=f"{path}.image_id",
-                )
+            if not self.known_image(images, image_id, path, path, file):
                 continue
             if image_id in out:
                 self.add(
@@ -801,64 +831,14 @@ class _Checker:
     ) -> dict[int, _Segment]:
         """Usable segments of one annotation by id; records malformed / duplicate entries."""
         out: dict[int, _Segment] = {}
-        for j, seg in enumerate(segments_info):
-            path = f"{ann_path}.segments_info[{j}]"
-            if not isinstance(seg, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(seg)})",
-                    file=file,
-                    image_id=image_id,
-                    json_path=path,
-                )
-                continue
-            ok, seg_id = self.expect(
-                seg,
-                "id",
-                path,
-                lambda v: _is_int(v) and v > 0,
-                "a positive int",
-                file,
-                image_id=image_id,
-            )
-            seg_id = seg_id if ok else None
-            ok, category_id = self.expect(
-                seg,
-                "category_id",
-                path,
-                _is_int,
-                "an int",
-                file,
-                image_id=image_id,
-                segment_id=seg_id,
-            )
-            if ok:
-                self.check_category(
-                    category_id, categories, file, f"{path}.category_id", image_id, seg_id
-                )
+        prefix = f"{ann_path}.segments_info"
+        for j, path, seg in self.objects(segments_info, prefix, file, image_id):
+            _, seg_id = self.expect(seg, "id", path, _POSITIVE_INT, file, image_id=image_id)
+            self.expect_category(seg, path, categories, file, image_id, seg_id)
             _, area = self.expect(
-                seg,
-                "area",
-                path,
-                lambda v: _is_number(v) and v >= 0,
-                "a non-negative number",
-                file,
-                image_id=image_id,
-                segment_id=seg_id,
+                seg, "area", path, _AREA, file, image_id=image_id, segment_id=seg_id
             )
-            self.expect(
-                seg,
-                "iscrowd",
-                path,
-                _is_flag,
-                "0 or 1",
-                file,
-                required=False,
-                code="bad_iscrowd",
-                image_id=image_id,
-                segment_id=seg_id,
-            )
+            self.expect_iscrowd(seg, path, file, image_id, seg_id)
             if seg_id is None:
                 continue
             if seg_id in out:
@@ -866,7 +846,7 @@ class _Checker:
                     "error",
                     "duplicate_segment_id",
                     f"segment id {seg_id} appears again at {path} "
-                    f"(first at {ann_path}.segments_info[{out[seg_id].index}])",
+                    f"(first at {prefix}[{out[seg_id].index}])",
                     file=file,
                     image_id=image_id,
                     segment_id=seg_id,
@@ -981,23 +961,15 @@ class _Checker:
     def run_panoptic(self) -> None:
         """All checks of a COCO panoptic split."""
         file = self.paths.panoptic_json
-        loaded, data = self.load_json(file)
-        if not loaded:
+        coco = self.load_coco(file)
+        if coco is None:
             return
-        sections = self.coco_sections(data, file)
-        categories = (
-            None
-            if sections["categories"] is None
-            else self.coco_categories(sections["categories"], file)
-        )
-        images = None if sections["images"] is None else self.coco_images(sections["images"], file)
-        by_id = None if images is None else {img.id: img for img in images}
+        raw_annotations, categories, images = coco
         annotations = (
             None
-            if sections["annotations"] is None
-            else self.panoptic_annotations(sections["annotations"], by_id, categories, file)
+            if raw_annotations is None
+            else self.panoptic_annotations(raw_annotations, _by_id(images), categories, file)
         )
-        self.num_images = len(images or [])
         for image in self.progress_over(images or [], "panoptic"):
             size = self.check_coco_image(image)
             if annotations is None:
@@ -1029,60 +1001,14 @@ class _Checker:
         """Instance annotations with usable geometry by image id; records JSON problems."""
         out: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         first_at: dict[int, int] = {}
-        for i, ann in enumerate(annotations):
-            path = f"annotations[{i}]"
-            if not isinstance(ann, dict):
-                self.add(
-                    "error",
-                    "json_structure",
-                    f"{path} must be an object (got {_show(ann)})",
-                    file=file,
-                    json_path=path,
-                )
-                continue
-            ok, ann_id = self.expect(ann, "id", path, _is_int, "an int", file)
-            ann_id = ann_id if ok else None
-            ok, image_id = self.expect(
-                ann, "image_id", path, _is_int, "an int", file, segment_id=ann_id
-            )
-            image_id = image_id if ok else None
+        for i, path, ann in self.objects(annotations, "annotations", file):
+            _, ann_id = self.expect(ann, "id", path, _INT, file)
+            _, image_id = self.expect(ann, "image_id", path, _INT, file, segment_id=ann_id)
             where = {"image_id": image_id, "segment_id": ann_id}
-            ok_cat, category_id = self.expect(
-                ann, "category_id", path, _is_int, "an int", file, **where
-            )
-            if ok_cat:
-                self.check_category(
-                    category_id, categories, file, f"{path}.category_id", image_id, ann_id
-                )
-            ok_seg, _ = self.expect(
-                ann,
-                "segmentation",
-                path,
-                lambda v: isinstance(v, (list, dict)),
-                "a list of polygons or an RLE object",
-                file,
-                **where,
-            )
-            ok_area, _ = self.expect(
-                ann,
-                "area",
-                path,
-                lambda v: _is_number(v) and v >= 0,
-                "a non-negative number",
-                file,
-                **where,
-            )
-            self.expect(
-                ann,
-                "iscrowd",
-                path,
-                _is_flag,
-                "0 or 1",
-                file,
-                required=False,
-                code="bad_iscrowd",
-                **where,
-            )
+            self.expect_category(ann, path, categories, file, image_id, ann_id)
+            ok_seg, _ = self.expect(ann, "segmentation", path, _SEGMENTATION, file, **where)
+            ok_area, _ = self.expect(ann, "area", path, _AREA, file, **where)
+            self.expect_iscrowd(ann, path, file, image_id, ann_id)
             if ann_id is not None:
                 if ann_id in first_at:
                     self.add(
@@ -1091,24 +1017,14 @@ class _Checker:
                         f"annotation id {ann_id} is used again at {path} "
                         f"(first at annotations[{first_at[ann_id]}])",
                         file=file,
-                        image_id=image_id,
-                        segment_id=ann_id,
                         json_path=f"{path}.id",
+                        **where,
                     )
                 else:
                     first_at[ann_id] = i
             if image_id is None:
                 continue
-            if images is not None and image_id not in images:
-                self.add(
-                    "error",
-                    "unknown_image_id",
-                    f"annotation {ann_id} is for image id {image_id}, which is not in images",
-                    file=file,
-                    image_id=image_id,
-                    segment_id=ann_id,
-                    json_path=f"{path}.image_id",
-                )
+            if not self.known_image(images, image_id, f"annotation {ann_id}", path, file, ann_id):
                 continue
             if ok_seg and ok_area:
                 out.setdefault(image_id, []).append((i, ann))
@@ -1246,23 +1162,15 @@ class _Checker:
     def run_instance(self) -> None:
         """All checks of a COCO instance split."""
         file = self.paths.instances_json
-        loaded, data = self.load_json(file)
-        if not loaded:
+        coco = self.load_coco(file)
+        if coco is None:
             return
-        sections = self.coco_sections(data, file)
-        categories = (
-            None
-            if sections["categories"] is None
-            else self.coco_categories(sections["categories"], file)
-        )
-        images = None if sections["images"] is None else self.coco_images(sections["images"], file)
-        by_id = None if images is None else {img.id: img for img in images}
+        raw_annotations, categories, images = coco
         annotations = (
             {}
-            if sections["annotations"] is None
-            else self.instance_annotations(sections["annotations"], by_id, categories, file)
+            if raw_annotations is None
+            else self.instance_annotations(raw_annotations, _by_id(images), categories, file)
         )
-        self.num_images = len(images or [])
         for image in self.progress_over(images or [], "instances"):
             size = self.check_coco_image(image)
             anns = annotations.get(image.id, [])
