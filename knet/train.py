@@ -294,6 +294,7 @@ def train_loop_per_worker(
     ddp_model = ctx.prepare_model(model)
     criterion = KNetCriterion(cfg.loss, cfg.model.task, cats.num_things, cats.num_stuff)
     poisoned = _NaNAfter(criterion, loop_config.get("test_hooks", {}).get("nan_from_epoch"))
+    worker_nodes = ctx.all_gather(ctx.node_id())  # where every rank runs, for the summary
     tracker = _start_tracker(cfg, loop_config, state) if ctx.rank == 0 else None
     history: list[dict[str, Any]] = state.get("history", [])
     bad_steps = state.get("bad_steps", 0)
@@ -348,6 +349,7 @@ def train_loop_per_worker(
         "final": history[-1] if history else {},
         "checkpoint": ctx.last_checkpoint,
         "mlflow_run_id": tracker.run_id if tracker else None,
+        "worker_nodes": worker_nodes,
     }
     if tracker:
         _finish_tracker(tracker, model, val_set, cfg, cats, ctx)
@@ -461,6 +463,13 @@ class _Context:
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self._local_dir = Path(tempfile.mkdtemp(prefix="knet-ckpt-"))
+
+    def node_id(self) -> str:
+        if not self.ray_worker:
+            return "local"
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def device(self, cfg: Config) -> torch.device:
         if self.ray_worker:
