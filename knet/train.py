@@ -87,11 +87,18 @@ def train(
         except NonFiniteLossError:
             if ctx.last_checkpoint:  # keep the last good checkpoint where DVC expects it
                 publish(ctx.last_checkpoint, cfg, root / "metrics")
+            shutil.rmtree(ctx.local_dir, ignore_errors=True)
             raise
+        scratch = ctx.local_dir
     else:
         summary = _train_on_ray(loop_config, cfg, run_name, address, root)
-    if summary.get("checkpoint"):
-        summary["checkpoint"] = publish(summary["checkpoint"], cfg, root / "metrics")
+        scratch = Path(summary["checkpoint"]).parent if summary.get("checkpoint") else None
+    try:
+        if summary.get("checkpoint"):
+            summary["checkpoint"] = publish(summary["checkpoint"], cfg, root / "metrics")
+    finally:
+        if scratch is not None:  # temporary copies; the published one is at train.output
+            shutil.rmtree(scratch, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["run_name"] = run_name
     return summary
@@ -353,6 +360,8 @@ def train_loop_per_worker(
     }
     if tracker:
         _finish_tracker(tracker, model, val_set, cfg, cats, ctx)
+    if ctx.ray_worker:  # Ray holds the checkpoints in storage; drop the local copies
+        shutil.rmtree(ctx.local_dir, ignore_errors=True)
     return summary
 
 
@@ -462,7 +471,7 @@ class _Context:
 
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self._local_dir = Path(tempfile.mkdtemp(prefix="knet-ckpt-"))
+        self.local_dir = Path(tempfile.mkdtemp(prefix="knet-ckpt-"))
 
     def node_id(self) -> str:
         if not self.ray_worker:
@@ -532,7 +541,7 @@ class _Context:
 
     def report(self, metrics: dict[str, Any], model, cfg: Config, cats, **state: Any) -> None:
         """Rank 0 writes the checkpoint; every rank reports (it is a barrier in Ray)."""
-        folder = self._local_dir / f"epoch-{state['epoch']}"
+        folder = self.local_dir / f"epoch-{state['epoch']}"
         if self.rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(folder / CHECKPOINT_FILE, model, cfg, cats, **state)
@@ -546,7 +555,7 @@ class _Context:
         ray.train.report(clean, checkpoint=checkpoint)
         if self.rank == 0:
             # Ray copied it to storage; keep only the newest local copy.
-            for old in self._local_dir.glob("epoch-*"):
+            for old in self.local_dir.glob("epoch-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
 

@@ -18,9 +18,8 @@ from tests.conftest import TINY_OVERRIDES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train-data")
+def make_data(tmp: Path) -> Path:
+    """A tiny synthetic dataset (8 + 4 images at 64 px), prepared, under ``tmp``."""
     cfg = load_config(
         ROOT / "params.yaml",
         [
@@ -35,6 +34,11 @@ def data(tmp_path_factory):
     generate(cfg.data.raw, cfg.data.synth, cfg.data, progress=False)
     prepare(cfg.data, progress=False)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("train-data"))
 
 
 def run_config(data: Path, tmp: Path, *extra: str):

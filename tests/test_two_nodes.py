@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_train import ROOT, run_config
+from tests.test_train import make_data, run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -83,24 +83,7 @@ def two_nodes(tmp_path):
 def test_two_workers_run_on_two_nodes(two_nodes, tmp_path):
     from knet.train import train
 
-    data = tmp_path / "data"
-    from knet.config import load_config
-    from knet.data.prepare import prepare
-    from knet.data.synth import generate
-
-    cfg = load_config(
-        ROOT / "params.yaml",
-        [
-            f"data.synth.out={data / 'raw'}",
-            f"data.raw={data / 'raw'}",
-            f"data.prepared={data / 'prepared'}",
-            "data.synth.image_size=64",
-            "data.synth.train_images=8",
-            "data.synth.val_images=4",
-        ],
-    )
-    generate(cfg.data.raw, cfg.data.synth, cfg.data, progress=False)
-    prepare(cfg.data, progress=False)
+    data = make_data(tmp_path / "data")
     # One CPU per worker and one CPU per node: the two workers must land on different nodes.
     run = run_config(
         data,
