@@ -23,10 +23,12 @@ def _add_params_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a dotted key, e.g. --set model.num_stages=4 (repeatable)",
+        help="override dotted keys, e.g. --set model.num_stages=4 train.epochs=2 "
+        "(several after one --set, or --set repeated)",
     )
 
 

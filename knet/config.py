@@ -55,6 +55,10 @@ class SynthConfig:
     # Standard deviation of the pixel noise added to every image (0-1 intensity scale).
     noise: float = 0.08
     seed: int = 0
+    # Fill colour of a thing: "class" = its category's typical colour with per-instance jitter
+    # (appearance is a cue, as in real data); "random" = uniform RGB, so only the shape tells
+    # the class (a much harder variant for models trained from scratch).
+    thing_colors: Literal["class", "random"] = "class"
 
     def __post_init__(self) -> None:
         if self.min_instances > self.max_instances:
@@ -227,7 +231,7 @@ class TrainConfig:
     # Ray Train workers (data-parallel processes); 0 runs the loop in the driver process.
     num_workers: int = 1
     use_gpu: bool = False
-    # CPUs reserved per worker (data-loader processes run inside this share).
+    # CPUs reserved per worker: its torch threads on CPU (data-loader processes share them).
     cpus_per_worker: float = 1.0
     # Shared storage for Ray Train run folders and checkpoints (local path, NFS or s3://).
     storage_path: str = "outputs/ray"
@@ -243,6 +247,9 @@ class TrainConfig:
     placement_timeout_s: float = 120.0
     # The final checkpoint (the DVC stage's output, and evaluate.checkpoint's default).
     output: str = "outputs/train/model.pt"
+    # The last epoch's numbers (DVC metrics); the per-epoch history goes beside it as
+    # <stem>_history.json (DVC plots).
+    metrics: str = "metrics/train.json"
 
 
 @dataclass(frozen=True)

@@ -86,16 +86,16 @@ def train(
             summary = train_loop_per_worker(loop_config, ctx)
         except NonFiniteLossError:
             if ctx.last_checkpoint:  # keep the last good checkpoint where DVC expects it
-                publish(ctx.last_checkpoint, cfg, root / "metrics")
+                publish(ctx.last_checkpoint, cfg)
             shutil.rmtree(ctx.local_dir, ignore_errors=True)
             raise
         scratch = ctx.local_dir
     else:
-        summary = _train_on_ray(loop_config, cfg, run_name, address, root)
+        summary = _train_on_ray(loop_config, cfg, run_name, address)
         scratch = Path(summary["checkpoint"]).parent if summary.get("checkpoint") else None
     try:
         if summary.get("checkpoint"):
-            summary["checkpoint"] = publish(summary["checkpoint"], cfg, root / "metrics")
+            summary["checkpoint"] = publish(summary["checkpoint"], cfg)
     finally:
         if scratch is not None:  # temporary copies; the published one is at train.output
             shutil.rmtree(scratch, ignore_errors=True)
@@ -119,7 +119,10 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
         cfg.data, raw=absolute(cfg.data.raw), prepared=absolute(cfg.data.prepared)
     )
     train_cfg = dataclasses.replace(
-        cfg.train, storage_path=absolute(cfg.train.storage_path), output=absolute(cfg.train.output)
+        cfg.train,
+        storage_path=absolute(cfg.train.storage_path),
+        output=absolute(cfg.train.output),
+        metrics=absolute(cfg.train.metrics),
     )
     tracking = dataclasses.replace(
         cfg.tracking,
@@ -146,7 +149,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _train_on_ray(
-    loop_config: dict[str, Any], cfg: Config, run_name: str, address: str | None, root: Path
+    loop_config: dict[str, Any], cfg: Config, run_name: str, address: str | None
 ) -> dict[str, Any]:
     connect(address)
     check_placement(cfg)
@@ -162,7 +165,7 @@ def _train_on_ray(
         checkpoint = str(folder / CHECKPOINT_FILE)
     if result.error is not None:
         if checkpoint:  # keep the last good checkpoint where DVC expects it
-            publish(checkpoint, cfg, root / "metrics")
+            publish(checkpoint, cfg)
         raise result.error
     summary = dict(result.return_value or {})
     summary["checkpoint"] = checkpoint
@@ -170,11 +173,11 @@ def _train_on_ray(
     return summary
 
 
-def publish(checkpoint: str | Path, cfg: Config, metrics_dir: Path) -> str:
+def publish(checkpoint: str | Path, cfg: Config) -> str:
     """Copy the final checkpoint to ``train.output`` atomically; write the DVC metrics.
 
-    ``metrics/train.json`` holds the last epoch's numbers, ``metrics/train_history.json`` one
-    entry per epoch (the DVC plots).
+    ``train.metrics`` (``metrics/train.json``) holds the last epoch's numbers and
+    ``<its stem>_history.json`` one entry per epoch (the DVC plots).
     """
     output = Path(cfg.train.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +187,9 @@ def publish(checkpoint: str | Path, cfg: Config, metrics_dir: Path) -> str:
     payload = load_checkpoint(output)
     history = payload.get("history", [])
     if history:
-        write_json_atomic(metrics_dir / "train.json", history[-1], indent=2)
-        write_json_atomic(metrics_dir / "train_history.json", history, indent=1)
+        metrics = Path(cfg.train.metrics)
+        write_json_atomic(metrics, history[-1], indent=2)
+        write_json_atomic(metrics.with_name(f"{metrics.stem}_history.json"), history, indent=1)
     return str(output)
 
 
@@ -201,11 +205,16 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
+    # Ray Train V2 turns every print() of a worker into a log record and also tees it, so each
+    # epoch line came twice and pycocotools' summary escaped redirect_stdout; plain prints.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train's
+            # placement-group cleaner polls; without it every run logs a warning per poll.
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise TrainSetupError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
 
@@ -242,7 +251,7 @@ def build_trainer(
     loop_config: dict[str, Any], cfg: Config, run_name: str, callbacks: list | None = None
 ):
     """The TorchTrainer of a run (``knet tune`` builds the same one per trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.setdefault(
@@ -266,6 +275,8 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's own INFO lines (one per report) drown the one line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -280,6 +291,10 @@ def train_loop_per_worker(
     cfg = config_from_dict(loop_config["config"])
     ctx = ctx or _Context(ray_worker=True)
     device = ctx.device(cfg)
+    if ctx.ray_worker and device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; say it to torch explicitly too, so
+        # a 2-CPU worker computes on 2 threads whatever the process inherited.
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed + ctx.rank)
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, cfg.model.task, train=False)

@@ -32,6 +32,22 @@ def test_config_show_prints_the_resolved_config_with_overrides():
     assert shown["model"]["num_kernels"] == 16  # from params.yaml
 
 
+def test_one_set_takes_several_overrides_and_set_repeats():
+    out = knet(
+        "config",
+        "show",
+        "--set",
+        "model.num_stages=2",
+        "train.epochs=5",
+        "--set",
+        "model.num_kernels=8",
+    )
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert (shown["model"]["num_stages"], shown["train"]["epochs"]) == (2, 5)
+    assert shown["model"]["num_kernels"] == 8
+
+
 def test_config_errors_name_the_key_and_exit_2():
     out = knet("config", "show", "--set", "model.num_stagse=4")
     assert out.returncode == 2

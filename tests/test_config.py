@@ -79,6 +79,7 @@ def test_unknown_nested_and_section_keys():
         ("model.backbone.depth=152", r"model\.backbone\.depth must be one of 18, 34, 50, 101"),
         ("data.min_size=[96,abc]", r"data\.min_size\[1\] must be int"),
         ("model.backbone=3", r"model\.backbone must be a mapping"),
+        ("data.synth.thing_colors=grey", r"data\.synth\.thing_colors must be one of class"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_key(override, pattern):

@@ -200,15 +200,39 @@ def test_instance_masks_are_the_panoptic_things(dataset):
             unmatched.remove(hits[0])
 
 
-def test_colour_does_not_determine_the_class(dataset):
-    root, _ = dataset
+def _thing_colours(root: Path) -> dict[int, list[np.ndarray]]:
+    """Category id -> the mean colour of each of its thing segments (train and val)."""
     thing_ids = {c["id"] for c in synth.SYNTH_CATEGORIES if c["isthing"]}
-    colours = defaultdict(list)  # category -> mean colours of its segments
+    colours = defaultdict(list)
     for paths, image, ann, ids in _segments(root):
         pixels = np.asarray(Image.open(paths.images / image["file_name"]), dtype=np.float64)
         for s in ann["segments_info"]:
-            colours[s["category_id"]].append(pixels[ids == s["id"]].mean(axis=0))
-    spreads = [np.ptp(np.stack(c), axis=0).max() for cat, c in colours.items() if cat in thing_ids]
+            if s["category_id"] in thing_ids:
+                colours[s["category_id"]].append(pixels[ids == s["id"]].mean(axis=0))
+    return colours
+
+
+def test_thing_colour_is_a_cue_with_jitter_by_default(dataset):
+    root, _ = dataset
+    typical = {c["id"]: np.asarray(c["color"], float) for c in synth.SYNTH_CATEGORIES}
+    thing_ids = sorted(c["id"] for c in synth.SYNTH_CATEGORIES if c["isthing"])
+    hits = total = 0
+    spreads = []
+    for cat, means in _thing_colours(root).items():
+        for mean in means:
+            nearest = min(thing_ids, key=lambda t: np.linalg.norm(mean - typical[t]))
+            hits += nearest == cat
+            total += 1
+        spreads.append(np.ptp(np.stack(means), axis=0).max() if len(means) > 1 else 0.0)
+    assert total >= 10
+    assert hits / total > 0.6  # the typical colour usually tells the class ...
+    assert max(spreads) > 30  # ... but instances of one class still vary in colour
+
+
+def test_random_thing_colours_leave_only_the_shape(tmp_path):
+    cfg = dataclasses.replace(CFG, thing_colors="random")
+    synth.generate(tmp_path / "raw", cfg, progress=False)
+    spreads = [np.ptp(np.stack(c), axis=0).max() for c in _thing_colours(tmp_path / "raw").values()]
     assert max(spreads) > 60  # the same shape class appears in clearly different colours
 
 

@@ -109,7 +109,7 @@ def test_nan_losses_are_skipped_then_stop_with_the_last_good_checkpoint(data, tm
 @pytest.mark.ray
 @pytest.mark.slow
 def test_num_workers_beyond_the_cluster_is_refused(data, tmp_path, local_ray):
-    cfg = run_config(data, tmp_path, "train.num_workers=8")
+    cfg = run_config(data, tmp_path, "train.num_workers=8", "train.cpus_per_worker=1")
     with pytest.raises(TrainSetupError, match="needs 8 CPUs"):
         train(cfg, root=tmp_path)
 

@@ -74,9 +74,11 @@ SYNTH_CATEGORIES: list[dict[str, Any]] = [
         "color": [45, 95, 160],
     },
 ]
-"""COCO-style categories (non-contiguous ids like COCO's); ``color`` is for visualisation."""
+"""COCO-style categories (non-contiguous ids like COCO's); ``color`` is the typical colour of a
+thing (``data.synth.thing_colors: class``) and the colour the visualisations use."""
 
 _BY_NAME = {c["name"]: c for c in SYNTH_CATEGORIES}
+_BY_ID = {c["id"]: c for c in SYNTH_CATEGORIES}
 _THING_IDS = [c["id"] for c in SYNTH_CATEGORIES if c["isthing"]]
 _NAMES = {c["id"]: c["name"] for c in SYNTH_CATEGORIES}
 _SKY, _GROUND, _WATER = (_BY_NAME[n]["id"] for n in ("sky", "ground", "water"))
@@ -210,8 +212,7 @@ def _stuff_look(
     The shading (stripes of random direction and frequency plus low-frequency blobs) is given
     for rows ``rows[0]:rows[1]``; a pixel's colour is ``color * (1 + shade)``.
     """
-    base = np.asarray(_STUFF_BASE[category_id], dtype=np.float64)
-    color = base * rng.uniform(0.7, 1.3) + rng.normal(0.0, 30.0, size=3)
+    color = _jittered(rng, _STUFF_BASE[category_id])
     angle = rng.uniform(0.0, math.pi)
     freq = 2.0 * math.pi * rng.uniform(3.0, 14.0) / size
     phase = rng.uniform(0.0, 2.0 * math.pi)
@@ -224,7 +225,7 @@ def _stuff_look(
     shade = np.sin(along_y[:, None] + along_x[None, :])
     shade *= stripe_amp
     shade += blob_amp * blobs
-    return np.clip(color, 0.0, 255.0).astype(np.float32), shade
+    return color, shade
 
 
 def _polygon(cx: float, cy: float, radii: list[float], rotation: float) -> list[tuple]:
@@ -265,8 +266,27 @@ def _shape_mask(
     return (y0, y1, x0, x1), mask
 
 
+def _thing_color(rng: np.random.Generator, category_id: int, mode: str) -> np.ndarray:
+    """Fill colour of one thing (RGB, 0-255).
+
+    ``class``: the category's typical colour with per-instance jitter (:func:`_jittered`, as
+    the stuff bands), so appearance is a cue as in real data. ``random``: uniform over RGB,
+    so only the shape tells the class (far slower to learn from scratch; see the README).
+    """
+    if mode == "random":
+        return rng.uniform(0.0, 255.0, size=3).astype(np.float32)
+    return _jittered(rng, _BY_ID[category_id]["color"])
+
+
+def _jittered(rng: np.random.Generator, base) -> np.ndarray:
+    """A class's typical RGB colour, brightness x U(0.7, 1.3) plus N(0, 30) per channel."""
+    color = np.asarray(base, dtype=np.float64) * rng.uniform(0.7, 1.3)
+    color += rng.normal(0.0, 30.0, size=3)
+    return np.clip(color, 0.0, 255.0).astype(np.float32)
+
+
 def _draw_things(
-    rng: np.random.Generator, size: int, count: int
+    rng: np.random.Generator, size: int, count: int, thing_colors: str
 ) -> tuple[np.ndarray, list[_Shape]]:
     """Draw ``count`` random shapes in order; returns the owner map (0 = none) and the shapes.
 
@@ -284,7 +304,7 @@ def _draw_things(
         box, mask = _shape_mask(_NAMES[category_id], size, cx, cy, radius, rotation, hole)
         y0, y1, x0, x1 = box
         owner[y0:y1, x0:x1][mask] = k
-        color = rng.uniform(0.0, 255.0, size=3).astype(np.float32)
+        color = _thing_color(rng, category_id, thing_colors)
         gradient = rng.uniform(-0.25, 0.25, size=2).astype(np.float32)
         shapes.append(_Shape(category_id, box, mask, (cx, cy), radius, color, gradient))
     return owner, shapes
@@ -322,7 +342,7 @@ def _render_sample(seed_seq: np.random.SeedSequence, cfg: SynthConfig) -> _Sampl
 
     # Redraw the things (a few times at most) if they would hide a whole stuff band.
     for _attempt in range(_LAYOUT_ATTEMPTS):
-        owner, shapes = _draw_things(rng, size, count)
+        owner, shapes = _draw_things(rng, size, count, cfg.thing_colors)
         background = owner == 0
         stuff_masks = [(bands == b) & background for b in range(len(stuff_ids))]
         if min(int(np.count_nonzero(m)) for m in stuff_masks) >= MIN_VISIBLE_PIXELS:
