@@ -252,7 +252,7 @@ def build_trainer(
     loop_config: dict[str, Any], cfg: Config, run_name: str, callbacks: list | None = None
 ):
     """The TorchTrainer of a run (``knet tune`` builds the same one per trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.setdefault(
@@ -276,8 +276,6 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            # Ray Train's own INFO lines (one per report) drown the one line per epoch.
-            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
