@@ -29,7 +29,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +278,7 @@ def _thing_color(rng: np.random.Generator, category_id: int, mode: str) -> np.nd
     return _jittered(rng, _BY_ID[category_id]["color"])
 
 
-def _jittered(rng: np.random.Generator, base) -> np.ndarray:
+def _jittered(rng: np.random.Generator, base: Sequence[float]) -> np.ndarray:
     """A class's typical RGB colour, brightness x U(0.7, 1.3) plus N(0, 30) per channel."""
     color = np.asarray(base, dtype=np.float64) * rng.uniform(0.7, 1.3)
     color += rng.normal(0.0, 30.0, size=3)
