@@ -1,7 +1,8 @@
 """The ``knet`` command line. Every subcommand reads ``params.yaml`` and takes ``--set`` overrides.
 
 Subcommands arrive with the stages they run; today: ``knet config``, ``knet model`` and
-``knet data {synth,validate,prepare}``, ``knet evaluate`` and ``knet predict``.
+``knet data {synth,validate,prepare}``, ``knet train``, ``knet tune``, ``knet evaluate`` and
+``knet predict``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -173,6 +175,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from knet.tune import tune
+
+    summary = tune(_config(args), address=args.address)
+    print(Path(summary["reports"]["md"]).read_text())
+    print(f"sweep {summary['name']}: {len(summary['rows'])} trials in {summary['seconds']} s")
+    for kind, path in summary["reports"].items():
+        print(f"  {kind}: {path}")
+    best = summary["best"]
+    if best:
+        print(
+            f"best trial {best['trial_id']} ({best['num_stages']} rounds, "
+            f"{best['num_kernels']} kernels, seed {best['seed']}): {summary['metric']} "
+            f"{best['value']:.2f}; checkpoint {best['checkpoint']}"
+        )
+    if summary.get("parent_run_id"):
+        print(f"MLflow parent run: {summary['parent_run_id']}")
+    if summary["failed"]:
+        print(
+            f"knet: {summary['failed']} trial(s) failed (see the report); rerun the same "
+            f"command to retry them, finished trials are kept",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
@@ -282,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run name (default: train.run_name, else derived from the params, so reruns resume)",
     )
     train.set_defaults(func=cmd_train)
+
+    tune = commands.add_parser(
+        "tune",
+        help="Ray Tune ablation of update rounds x kernels (restores a sweep of the same name)",
+    )
+    _add_params_args(tune)
+    tune.add_argument(
+        "--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local instance)"
+    )
+    tune.set_defaults(func=cmd_tune)
 
     predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")

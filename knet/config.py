@@ -253,6 +253,51 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """``knet tune``: the ablation grid of paper Table 4c/4d and how the Ray Tune sweep runs."""
+
+    # Kernel-update rounds to try (model.num_stages); the grid is rounds x kernels x seeds.
+    num_stages: tuple[int, ...] = (1, 2, 3)
+    # Instance (thing) kernel counts to try (model.num_kernels).
+    num_kernels: tuple[int, ...] = (8, 16)
+    # Repeats of every cell, with seeds train.seed, train.seed + 1, ...; the table shows
+    # mean +- std over them.
+    seeds: int = 1
+    # The table's and the schedulers' metric (a reported key such as val_pq, val_ap, val_miou);
+    # empty = the task's headline: val_pq (panoptic), val_ap (instance), val_miou (semantic).
+    metric: str = ""
+    mode: Literal["max", "min"] = "max"
+    # fifo: every trial runs all epochs (a complete table); asha: early stopping for
+    # exploratory sweeps (the table then mixes epochs; the csv says how many each trial ran).
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    # ASHA: the first rung after this many epochs; keep the best 1/reduction_factor per rung.
+    grace_period: int = 1
+    reduction_factor: int = 2
+    # Trials at once; 0 = as many as the cluster's CPUs and GPUs can place.
+    max_concurrent_trials: int = 0
+    # Retries of a failed trial by Tune, on top of train.max_failures worker-group restarts.
+    max_failures: int = 1
+    # dotted.key=value overrides applied to every trial (a sweep's shorter schedule); the grid
+    # keys (model.num_stages, model.num_kernels, train.seed) are set by the sweep itself.
+    overrides: tuple[str, ...] = ()
+    # Ray Tune experiment folders (shared storage on a cluster).
+    storage_path: str = "outputs/tune"
+    # Sweep name; empty = derived from the params and knet's source, so rerunning the same
+    # sweep restores it (finished trials are not rerun) and any change starts a new one.
+    name: str = ""
+    # ablation.csv, ablation.md and ablation.png are written here.
+    report_dir: str = "reports"
+
+    def __post_init__(self) -> None:
+        for key in ("num_stages", "num_kernels"):
+            values = getattr(self, key)
+            if not values:
+                raise ConfigError(f"tune.{key} must list at least one value")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"tune.{key} lists a value twice: {list(values)}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking (``knet/tracking.py`` is the only module that imports mlflow)."""
 
@@ -291,6 +336,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +381,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.max_bad_steps": (0, 1_000_000),
     "train.placement_timeout_s": (1, 86400),
     "optim.lr": (0.0, 10.0),
+    "tune.num_stages": (1, 6),
+    "tune.num_kernels": (1, 300),
+    "tune.seeds": (1, 1000),
+    "tune.grace_period": (1, 100000),
+    "tune.reduction_factor": (2, 100),
+    "tune.max_concurrent_trials": (0, 100000),
+    "tune.max_failures": (-1, 1000),
     "optim.warmup_ratio": (0.0, 1.0),
 }
 _CHOICES: dict[str, tuple[int, ...]] = {"model.backbone.depth": (18, 34, 50, 101)}

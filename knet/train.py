@@ -129,7 +129,12 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
         uri=resolve_uri(cfg.tracking.uri, root),
         artifact_location=absolute(cfg.tracking.artifact_location),
     )
-    return dataclasses.replace(cfg, data=data, train=train_cfg, tracking=tracking)
+    tune = dataclasses.replace(
+        cfg.tune,
+        storage_path=absolute(cfg.tune.storage_path),
+        report_dir=absolute(cfg.tune.report_dir),
+    )
+    return dataclasses.replace(cfg, data=data, train=train_cfg, tune=tune, tracking=tracking)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -196,8 +201,13 @@ def publish(checkpoint: str | Path, cfg: Config) -> str:
 # --------------------------------------------------------------------------- Ray plumbing
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` or start a local Ray instance sized to this machine."""
+def connect(address: str | None, dashboard: bool = False) -> None:
+    """Join ``address`` or start a local Ray instance sized to this machine.
+
+    ``dashboard`` starts the local instance with the Ray dashboard on 127.0.0.1:8265 (``knet
+    tune`` does: its State API also lets Ray Train clean up the placement group of a trial
+    that a scheduler stops).
+    """
     import ray
 
     if address and address != "auto":
@@ -215,7 +225,12 @@ def connect(address: str | None) -> None:
             # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput. The
             # price is a "State API may be temporarily unavailable" warning from Ray Train's
             # placement-group cleaner; for the dashboard, start a head (README) and --address.
-            ray.init(include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+            ray.init(
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+                runtime_env=runtime_env,
+            )
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise TrainSetupError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
 
@@ -286,7 +301,13 @@ def build_trainer(
 def train_loop_per_worker(
     loop_config: dict[str, Any], ctx: _Context | None = None
 ) -> dict[str, Any]:
-    """The training loop of one worker (Ray Train) or of the driver (``num_workers=0``)."""
+    """The training loop of one worker (Ray Train) or of the driver (``num_workers=0``).
+
+    ``loop_config`` holds the config, the run name, MLflow tags (``knet tune`` adds the parent
+    run's id), optional ``extra_params`` for MLflow, ``kernel_maps`` (log the kernel pictures at
+    the end; default true) and test-only hooks.
+    """
+    began = time.perf_counter()
     cfg = config_from_dict(loop_config["config"])
     ctx = ctx or _Context(ray_worker=True)
     device = ctx.device(cfg)
@@ -316,11 +337,74 @@ def train_loop_per_worker(
     criterion = KNetCriterion(cfg.loss, cfg.model.task, cats.num_things, cats.num_stuff)
     poisoned = _NaNAfter(criterion, loop_config.get("test_hooks", {}).get("nan_from_epoch"))
     worker_nodes = ctx.all_gather(ctx.node_id())  # where every rank runs, for the summary
+    tracking_began = time.perf_counter()
     tracker = _start_tracker(cfg, loop_config, state) if ctx.rank == 0 else None
+    timings = {"tracking_s": time.perf_counter() - tracking_began}
+    timings["setup_s"] = time.perf_counter() - began - timings["tracking_s"]
+    try:
+        history, epoch_times = _epochs(
+            ddp_model,
+            model,
+            poisoned,
+            loader,
+            optimizer,
+            scheduler,
+            val_set,
+            cfg,
+            cats,
+            device,
+            ctx,
+            state,
+            loop_config,
+            tracker,
+        )
+    except BaseException:
+        if tracker:
+            tracker.end("FAILED")
+        raise
+    timings["epochs_s"] = sum(epoch_times)
+    summary = {
+        "epochs": cfg.train.epochs,
+        "final": history[-1] if history else {},
+        "checkpoint": ctx.last_checkpoint,
+        "mlflow_run_id": tracker.run_id if tracker else None,
+        "worker_nodes": worker_nodes,
+    }
+    if tracker:
+        finishing = time.perf_counter()
+        _finish_tracker(tracker, model, val_set, cfg, cats, ctx, loop_config)
+        timings["tracking_s"] += time.perf_counter() - finishing
+    if ctx.ray_worker:  # Ray holds the checkpoints in storage; drop the local copies
+        shutil.rmtree(ctx.local_dir, ignore_errors=True)
+    timings["loop_s"] = time.perf_counter() - began
+    summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    return summary
+
+
+def _epochs(
+    ddp_model,
+    model,
+    poisoned,
+    loader,
+    optimizer,
+    scheduler,
+    val_set,
+    cfg: Config,
+    cats,
+    device,
+    ctx: _Context,
+    state: dict[str, Any],
+    loop_config: dict[str, Any],
+    tracker,
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """Train from the restored epoch to ``train.epochs``; report and checkpoint each one."""
     history: list[dict[str, Any]] = state.get("history", [])
     bad_steps = state.get("bad_steps", 0)
     epoch_times: list[float] = []
+    fail = loop_config.get("test_hooks", {}).get("fail")
     for epoch in range(state.get("epoch", 0), cfg.train.epochs):
+        if fail and fail["epoch"] == epoch and Path(fail["while"]).exists():
+            raise RuntimeError(f"test hook: failing at epoch {epoch} while {fail['while']} exists")
         start = time.perf_counter()
         ctx.set_epoch(loader, epoch)
         stats = train_one_epoch(
@@ -365,18 +449,7 @@ def train_loop_per_worker(
             _print_epoch(metrics, cfg.train.epochs, epoch_times)
             if tracker:
                 tracker.log_metrics(metrics, step=epoch + 1)
-    summary = {
-        "epochs": cfg.train.epochs,
-        "final": history[-1] if history else {},
-        "checkpoint": ctx.last_checkpoint,
-        "mlflow_run_id": tracker.run_id if tracker else None,
-        "worker_nodes": worker_nodes,
-    }
-    if tracker:
-        _finish_tracker(tracker, model, val_set, cfg, cats, ctx)
-    if ctx.ray_worker:  # Ray holds the checkpoints in storage; drop the local copies
-        shutil.rmtree(ctx.local_dir, ignore_errors=True)
-    return summary
+    return history, epoch_times
 
 
 def _validate(model, val_set, cfg: Config, cats, device, ctx: _Context) -> dict[str, float]:
@@ -446,17 +519,19 @@ def _start_tracker(cfg: Config, loop_config: dict[str, Any], state: dict[str, An
         run_id=state.get("mlflow_run_id"),
         tags={**loop_config["tags"], **system_info()},
     )
-    tracker.log_params(flatten(cfg.to_dict()))
+    tracker.log_params({**flatten(cfg.to_dict()), **loop_config.get("extra_params", {})})
     return tracker
 
 
-def _finish_tracker(tracker, model, val_set, cfg: Config, cats, ctx: _Context) -> None:
+def _finish_tracker(
+    tracker, model, val_set, cfg: Config, cats, ctx: _Context, loop_config: dict[str, Any]
+) -> None:
     """Final checkpoint and the kernel pictures (rank 0), then close the run."""
     from knet.evaluate import evaluate_model
 
     if ctx.last_checkpoint:
         tracker.log_artifact(ctx.last_checkpoint, "checkpoint")
-    if cfg.model.task != "semantic":
+    if cfg.model.task != "semantic" and loop_config.get("kernel_maps", True):
         with tempfile.TemporaryDirectory() as folder:
             evaluate_model(
                 model,

@@ -1,0 +1,469 @@
+"""``knet tune``: the paper's Table 4c/4d (update rounds x kernels) as one Ray Tune sweep.
+
+:func:`tune` (checks, Ray, the sweep's parent MLflow run, restore or start) -> a Ray Tune
+``Tuner`` over :func:`trial_driver` (one trial per grid point: the Tune-over-Train V2 pattern,
+building **the TorchTrainer of** ``knet train`` through :func:`knet.train.build_trainer`, with a
+``TuneReportCallback``) -> :func:`knet.train.train_loop_per_worker` -> :mod:`knet.ablation`
+(``reports/ablation.{csv,md,png}``, logged to the parent run).
+
+The sweep's name is derived from the params and from knet's source, so rerunning the same
+command after a crash restores the sweep (``Tuner.restore``): finished trials are not rerun,
+failed and unfinished ones are, and each resumes its Train run from its last checkpoint (the
+Train run is named after the Tune trial id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from knet.ablation import write_reports
+from knet.config import Config, ConfigError, apply_override, config_from_dict
+from knet.data.atomic import write_json_atomic
+from knet.data.categories import Categories
+from knet.train import (
+    TrainSetupError,
+    absolute_paths,
+    build_trainer,
+    check_inputs,
+    check_placement,
+    connect,
+)
+
+SWEEP_FILE = "knet_sweep.json"  # <storage>/<name>/: what the sweep was started with
+TRIALS_DIR = "knet_trials"  # <storage>/<name>/<dir>/<trial id>.json: timings, run ids
+DRIVER_CPU = 0.01  # the trial driver only waits for its Train workers (0 is refused by Ray)
+HEADLINE = {"panoptic": "val_pq", "instance": "val_ap", "semantic": "val_miou"}
+
+
+def tune(
+    cfg: Config,
+    root: str | Path = ".",
+    address: str | None = None,
+    test_hooks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or restore) the ablation sweep of ``cfg.tune``; write and log its reports.
+
+    Args:
+        root: project root; relative paths in ``cfg`` are taken from here.
+        address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one
+            with the dashboard on 127.0.0.1:8265.
+        test_hooks: test-only fault injection per grid point:
+            ``{"trials": [{"match": {"num_stages": 1}, "hooks": {...}}]}``, where the hooks are
+            those of :func:`knet.train.train` plus ``{"fail": {"epoch": 0, "while": path}}``.
+
+    Returns:
+        name, path, rows (one per trial), reports, best trial, parent MLflow run id, failed
+        trial count, seconds, and whether the sweep was restored.
+    """
+    from ray import tune as ray_tune
+
+    root = Path(root).resolve()
+    started = time.perf_counter()
+    params_hash = cfg.digest()
+    name = cfg.tune.name or default_sweep_name(cfg)
+    cfg = absolute_paths(cfg, root)
+    metric = metric_name(cfg)
+    if cfg.train.num_workers < 1:
+        raise TrainSetupError("knet tune needs Ray Train workers: set train.num_workers >= 1")
+    grid = grid_points(cfg)
+    trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
+    check_inputs(cfg)
+    sweep_dir = Path(cfg.tune.storage_path) / name
+    sweep = _sweep_state(sweep_dir, name, cfg, root)
+    connect(address, dashboard=True)
+    check_placement(next(iter(trial_cfgs.values())))
+    concurrency = concurrent_trials(cfg)
+    parent = _start_parent_run(cfg, name, sweep, root, params_hash)
+    sweep["parent_run_id"] = parent.run_id if parent else None
+    write_json_atomic(sweep_dir / SWEEP_FILE, sweep, indent=2)
+    _print_start(name, sweep_dir, len(grid), concurrency, metric)
+
+    payload = {
+        "config": cfg.to_dict(),
+        "sweep_dir": str(sweep_dir),
+        "tags": {
+            **sweep["tags"],
+            "knet.sweep": name,
+            **({"mlflow.parentRunId": parent.run_id} if parent else {}),
+        },
+        "test_hooks": (test_hooks or {}).get("trials", []),
+    }
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(trial_driver, payload=payload), {"CPU": DRIVER_CPU}
+    )
+    restored = ray_tune.Tuner.can_restore(str(sweep_dir))
+    try:
+        if restored:
+            print(f"restoring sweep {name}: finished trials are kept, the rest run", flush=True)
+            tuner = ray_tune.Tuner.restore(
+                str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = ray_tune.Tuner(
+                trainable,
+                param_space=param_space(cfg),
+                tune_config=ray_tune.TuneConfig(
+                    metric=metric,
+                    mode=cfg.tune.mode,
+                    scheduler=_scheduler(cfg),
+                    max_concurrent_trials=concurrency,
+                    trial_name_creator=trial_name,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=ray_tune.RunConfig(
+                    name=name,
+                    storage_path=cfg.tune.storage_path,
+                    failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                    verbose=1,
+                ),
+            )
+        results = tuner.fit()
+    except BaseException:
+        if parent:
+            parent.end("FAILED")
+        raise
+    params = parameter_counts(cfg, grid)
+    rows = [_row(result, sweep_dir, metric, params) for result in results]
+    seconds = time.perf_counter() - started
+    header = {
+        "sweep": f"`{name}` ({'restored' if restored else 'new'}; wall time {seconds:.0f} s "
+        f"in this invocation, {concurrency} trials at once)",
+        "metric": f"{metric} ({cfg.tune.mode}), scheduler {cfg.tune.scheduler}",
+        "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
+        "data": sweep["tags"].get("data_hash", "?"),
+        "commit": f"{sweep['tags'].get('git_commit', '?')} "
+        f"(dirty: {sweep['tags'].get('git_dirty', '?')})",
+        "MLflow parent run": parent.run_id if parent else "tracking disabled",
+    }
+    reports = write_reports(
+        rows,
+        cfg.tune.report_dir,
+        metric=metric,
+        num_stages=cfg.tune.num_stages,
+        num_kernels=cfg.tune.num_kernels,
+        header=header,
+    )
+    best = _best(rows, cfg.tune.mode)
+    failed = sum(r["status"] == "error" for r in rows)
+    if parent:
+        _finish_parent(parent, rows, reports, best, metric, seconds, failed)
+    return {
+        "name": name,
+        "path": str(sweep_dir),
+        "rows": rows,
+        "reports": {k: str(v) for k, v in reports.items()},
+        "best": best,
+        "metric": metric,
+        "failed": failed,
+        "parent_run_id": parent.run_id if parent else None,
+        "restored": restored,
+        "seconds": round(seconds, 1),
+    }
+
+
+# ------------------------------------------------------------------------ the grid
+
+
+def metric_name(cfg: Config) -> str:
+    return cfg.tune.metric or HEADLINE[cfg.model.task]
+
+
+def default_sweep_name(cfg: Config) -> str:
+    """``ablation-<task>-<digest of the params and of knet's source>``."""
+    digest = hashlib.sha256(f"{cfg.digest()}:{source_digest()}".encode()).hexdigest()[:12]
+    return f"ablation-{cfg.model.task}-{digest}"
+
+
+def source_digest() -> str:
+    """Hash of knet's Python source: a code change starts a new sweep instead of mixing."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def grid_points(cfg: Config) -> dict[tuple[int, int, int], dict[str, int]]:
+    """Every (rounds, kernels, seed) of the sweep, in table order."""
+    seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
+    return {
+        (s, k, seed): {"num_stages": s, "num_kernels": k, "seed": seed}
+        for s in cfg.tune.num_stages
+        for k in cfg.tune.num_kernels
+        for seed in seeds
+    }
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    from ray import tune as ray_tune
+
+    seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
+    return {
+        "num_stages": ray_tune.grid_search(list(cfg.tune.num_stages)),
+        "num_kernels": ray_tune.grid_search(list(cfg.tune.num_kernels)),
+        "seed": ray_tune.grid_search(seeds),
+    }
+
+
+def trial_config(cfg: Config, point: dict[str, int], sweep_dir: Path) -> Config:
+    """``cfg`` with ``tune.overrides``, the grid point, and validation at every epoch.
+
+    Every trial validates each epoch because Tune's schedulers compare trials at each report;
+    its Train runs live under ``<sweep>/train``.
+    """
+    data = cfg.to_dict()
+    for i, item in enumerate(cfg.tune.overrides):
+        key = item.partition("=")[0].strip()
+        if key in ("model.num_stages", "model.num_kernels", "train.seed"):
+            raise ConfigError(f"tune.overrides[{i}] sets {key}, which the sweep's grid sets")
+        try:
+            apply_override(data, item)
+        except ConfigError as err:
+            raise ConfigError(f"tune.overrides[{i}]: {err}") from None
+    data["model"].update(num_stages=point["num_stages"], num_kernels=point["num_kernels"])
+    data["train"].update(seed=point["seed"], eval_every=1, storage_path=str(sweep_dir / "train"))
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"tune.overrides: {err}") from None
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster can place at once."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + DRIVER_CPU
+    count = int(total.get("CPU", 0) / per_trial + 1e-9)
+    if cfg.train.use_gpu:
+        count = min(count, int(total.get("GPU", 0)) // cfg.train.num_workers)
+    return max(1, count)
+
+
+def parameter_counts(cfg: Config, grid) -> dict[tuple[int, int], int]:
+    """Trainable parameters per (rounds, kernels), with the class counts of the train split."""
+    from knet.model import build_model
+
+    index = Path(cfg.data.prepared) / cfg.data.train_split / "index.json"
+    cats = Categories.from_json(json.loads(index.read_text())["categories"])
+    counts = {}
+    for stages, kernels, _seed in grid:
+        if (stages, kernels) not in counts:
+            model_cfg = dataclasses.replace(cfg.model, num_stages=stages, num_kernels=kernels)
+            model = build_model(model_cfg, cats.num_things, cats.num_stuff)
+            counts[stages, kernels] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def trial_name(trial) -> str:
+    return _point_name(trial.config)
+
+
+def _point_name(point: dict[str, int]) -> str:
+    return f"rounds{point['num_stages']}-kernels{point['num_kernels']}-seed{point['seed']}"
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial.trial_id}-{trial_name(trial)}"
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.scheduler == "fifo":
+        return None  # Tune's FIFO: every trial runs to the end
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = trial_config(cfg, next(iter(grid_points(cfg).values())), Path()).train.epochs
+    return ASHAScheduler(
+        max_t=epochs,
+        grace_period=min(cfg.tune.grace_period, epochs),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+# ---------------------------------------------------------------------- one trial
+
+
+def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
+    """One Tune trial: the Ray Train driver of one grid point (runs in a Tune actor).
+
+    Builds the TorchTrainer of ``knet train`` with a ``TuneReportCallback`` (every epoch's
+    rank-0 metrics and checkpoint path reach Tune), runs it, and writes the trial's timings.
+    """
+    from ray import tune as ray_tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    began = time.perf_counter()
+    trial_id = ray_tune.get_context().get_trial_id()
+    sweep_dir = Path(payload["sweep_dir"])
+    cfg = trial_config(config_from_dict(payload["config"]), config, sweep_dir)
+    point = {k: config[k] for k in ("num_stages", "num_kernels", "seed")}
+    hooks = next((h["hooks"] for h in payload["test_hooks"] if _matches(h["match"], point)), {})
+    loop_config = {
+        "config": cfg.to_dict(),
+        "run_name": _point_name(point),
+        "tags": {**payload["tags"], "knet.trial_id": trial_id},
+        "extra_params": {k: str(v) for k, v in point.items()},
+        "kernel_maps": False,
+        "test_hooks": hooks,
+    }
+    trainer = build_trainer(loop_config, cfg, f"trial-{trial_id}", [TuneReportCallback()])
+    fit_began = time.perf_counter()
+    result = trainer.fit()  # raises after train.max_failures restarts; Tune then retries
+    fit_s = time.perf_counter() - fit_began
+    if result.error is not None:
+        raise result.error
+    summary = result.return_value or {}
+    timings = dict(summary.get("timings", {}))
+    timings.update(fit_s=round(fit_s, 2), driver_s=round(time.perf_counter() - began, 2))
+    timings["ray_train_s"] = round(fit_s - timings.get("loop_s", fit_s), 2)
+    record = {
+        "trial_id": trial_id,
+        "point": point,
+        "timings": timings,
+        "mlflow_run_id": summary.get("mlflow_run_id"),
+        "worker_nodes": summary.get("worker_nodes"),
+    }
+    write_json_atomic(sweep_dir / TRIALS_DIR / f"{trial_id}.json", record, indent=2)
+
+
+def _matches(match: dict[str, int], point: dict[str, int]) -> bool:
+    return all(point.get(k) == v for k, v in match.items())
+
+
+# ------------------------------------------------------------------------ results
+
+
+def _row(result, sweep_dir: Path, metric: str, params: dict[tuple[int, int], int]) -> dict:
+    config = result.config
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id") or Path(result.path).name.split("-")[0]
+    record_path = sweep_dir / TRIALS_DIR / f"{trial_id}.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    timings = record.get("timings", {})
+    history = result.metrics_dataframe
+    speeds = []
+    if history is not None and "images_per_s" in history:
+        speeds = [float(v) for v in history["images_per_s"].dropna()]
+    checkpoint = metrics.get("checkpoint_path")
+    value = metrics.get(metric)
+    row = {
+        "trial_id": trial_id,
+        "status": "error" if result.error is not None else "finished",
+        "num_stages": config["num_stages"],
+        "num_kernels": config["num_kernels"],
+        "seed": config["seed"],
+        "epochs": metrics.get("epoch"),
+        "metric": metric,
+        "value": float(value) if isinstance(value, int | float) else math.nan,
+        "params": params.get((config["num_stages"], config["num_kernels"])),
+        "images_per_s": statistics.fmean(speeds) if speeds else math.nan,
+        "trial_s": timings.get("driver_s", math.nan),
+        "mlflow_run_id": record.get("mlflow_run_id"),
+        "checkpoint": str(Path(checkpoint) / "model.pt") if checkpoint else None,
+        "error": _first_line(result.error) if result.error is not None else None,
+    }
+    for key in ("val_pq", "val_pq_th", "val_pq_st", "val_ap", "val_miou"):
+        row[key] = metrics.get(key, math.nan)
+    for key in ("epochs_s", "ray_train_s", "setup_s", "tracking_s", "driver_s"):
+        row[key] = timings.get(key, math.nan)
+    return row
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__)[:300]
+
+
+def _best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    done = [r for r in rows if r["status"] == "finished" and math.isfinite(r["value"])]
+    if not done:
+        return None
+    pick = max if mode == "max" else min
+    return pick(done, key=lambda r: r["value"])
+
+
+# -------------------------------------------------------------- sweep bookkeeping
+
+
+def _sweep_state(sweep_dir: Path, name: str, cfg: Config, root: Path) -> dict[str, Any]:
+    """The sweep's record; refuses a ``tune.name`` reused with other params or code."""
+    from knet.tracking import lineage_tags
+
+    digest = hashlib.sha256(f"{cfg.digest()}:{source_digest()}".encode()).hexdigest()[:12]
+    path = sweep_dir / SWEEP_FILE
+    if path.exists():
+        state = json.loads(path.read_text())
+        if state.get("digest") != digest:
+            raise TrainSetupError(
+                f"tune.name={name}: the sweep in {sweep_dir} was started with other params or "
+                f"code (digest {state.get('digest')}, now {digest}); choose another tune.name, "
+                f"leave it empty for a derived one, or remove {sweep_dir}"
+            )
+        return state
+    tags = lineage_tags(cfg, root) if cfg.tracking.enabled else {}
+    return {"name": name, "digest": digest, "tags": tags, "parent_run_id": None}
+
+
+def _start_parent_run(cfg: Config, name: str, sweep: dict[str, Any], root: Path, params_hash):
+    if not cfg.tracking.enabled:
+        return None
+    from knet.tracking import Tracker, flatten, system_info
+
+    tags = {**sweep["tags"], "params_hash": params_hash, "knet.sweep": name, **system_info()}
+    parent = Tracker(cfg.tracking, name, run_id=sweep.get("parent_run_id"), tags=tags)
+    parent.log_params(flatten(cfg.to_dict()))
+    return parent
+
+
+def _finish_parent(parent, rows, reports, best, metric: str, seconds: float, failed: int) -> None:
+    metrics = {
+        "trials": len(rows),
+        "trials_failed": failed,
+        "sweep_s": seconds,
+        "trial_s_mean": _mean(rows, "trial_s"),
+        "epochs_s_mean": _mean(rows, "epochs_s"),
+    }
+    if best:
+        metrics[f"best_{metric}"] = best["value"]
+        parent.set_tags(
+            {"best_trial": best["trial_id"], "best_run_id": str(best.get("mlflow_run_id"))}
+        )
+    parent.log_metrics(metrics, step=0)
+    for path in reports.values():
+        parent.log_artifact(path, "ablation")
+    parent.end("FAILED" if failed else "FINISHED")
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), int | float)]
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _print_start(name: str, sweep_dir: Path, trials: int, concurrency: int, metric: str) -> None:
+    try:  # the public API has no getter; ray.init's context is gone once Ray runs
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except (ImportError, AttributeError, RuntimeError):
+        url = ""
+    print(
+        f"sweep {name}: {trials} trials, {concurrency} at once, metric {metric}\n"
+        f"  Tune folder: {sweep_dir} (tensorboard --logdir {sweep_dir})",
+        flush=True,
+    )
+    if url:
+        print(f"  Ray dashboard: http://{url}", flush=True)
+
+
+__all__ = ["default_sweep_name", "grid_points", "trial_config", "trial_driver", "tune"]
