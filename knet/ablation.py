@@ -48,6 +48,13 @@ COLUMNS = (
 )
 
 
+# Further metrics shown as tables when the trials reported them (their headline is `metric`).
+SECONDARY = ("val_pq", "val_pq_th", "val_pq_st", "val_ap", "val_miou")
+
+# A trial's status: ran all epochs; stopped early by ASHA; failed; interrupted before the end.
+STATUSES = ("finished", "stopped", "error", "unfinished")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One (rounds, kernels) cell: the metric over its finished seeds."""
@@ -58,6 +65,7 @@ class Cell:
     params: int | None
     images_per_s: float | None
     failed: int
+    stopped: int = 0
 
     @property
     def mean(self) -> float:
@@ -69,23 +77,30 @@ class Cell:
 
 
 def cell_stats(
-    rows: Sequence[Mapping[str, Any]], num_stages: Sequence[int], num_kernels: Sequence[int]
+    rows: Sequence[Mapping[str, Any]],
+    num_stages: Sequence[int],
+    num_kernels: Sequence[int],
+    key: str = "value",
 ) -> dict[tuple[int, int], Cell]:
-    """Mean +- std of ``value`` per (rounds, kernels) over the trials that finished."""
+    """Mean +- std of ``key`` (the sweep's metric by default) per (rounds, kernels) over the
+    trials that finished or that the scheduler stopped."""
     cells = {}
     for stages in num_stages:
         for kernels in num_kernels:
             group = [r for r in rows if (r["num_stages"], r["num_kernels"]) == (stages, kernels)]
-            done = [r for r in group if r["status"] != "error" and _finite(r.get("value"))]
+            done = [
+                r for r in group if r["status"] in ("finished", "stopped") and _finite(r.get(key))
+            ]
             speeds = [r["images_per_s"] for r in done if _finite(r.get("images_per_s"))]
             params = next((r["params"] for r in group if r.get("params")), None)
             cells[stages, kernels] = Cell(
                 num_stages=stages,
                 num_kernels=kernels,
-                values=tuple(float(r["value"]) for r in done),
+                values=tuple(float(r[key]) for r in done),
                 params=params,
                 images_per_s=statistics.fmean(speeds) if speeds else None,
-                failed=sum(r["status"] == "error" for r in group),
+                failed=sum(r["status"] in ("error", "unfinished") for r in group),
+                stopped=sum(r["status"] == "stopped" for r in group),
             )
     return cells
 
@@ -133,25 +148,33 @@ def render_markdown(
     seeds = max((len({r["seed"] for r in rows}), 1))
     lines = ["# K-Net ablation: kernel-update rounds x instance kernels", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
-    finished = sum(r["status"] != "error" for r in rows)
-    lines += [f"- trials: {len(rows)} ({finished} finished, {len(rows) - finished} failed)", ""]
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    lines += [f"- trials: {len(rows)} ({shown})", ""]
 
-    def table(title: str, cell_text) -> None:
+    def table(title: str, grid: Mapping[tuple[int, int], Cell], cell_text) -> None:
         lines.extend([f"## {title}", ""])
         lines.append("| rounds \\ kernels | " + " | ".join(str(k) for k in num_kernels) + " |")
         lines.append("|---:|" + "---:|" * len(num_kernels))
         for stages in num_stages:
-            texts = [cell_text(cells[stages, kernels]) for kernels in num_kernels]
+            texts = [cell_text(grid[stages, kernels]) for kernels in num_kernels]
             lines.append(f"| {stages} | " + " | ".join(texts) + " |")
         lines.append("")
 
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    table(f"{metric} at the last epoch ({spread})", _metric_text)
-    table("Parameters (millions)", lambda c: f"{c.params / 1e6:.2f}" if c.params else "—")
+    table(f"{metric} at the last epoch ({spread})", cells, _metric_text)
+    if counts["stopped"]:
+        lines += ["\\* includes trials the scheduler stopped early, at their last epoch.", ""]
+    table("Parameters (millions)", cells, lambda c: f"{c.params / 1e6:.2f}" if c.params else "—")
     table(
         "Training throughput (images/s, mean over epochs)",
+        cells,
         lambda c: f"{c.images_per_s:.1f}" if c.images_per_s else "—",
     )
+    for other in SECONDARY:
+        if other != metric and any(_finite(r.get(other)) for r in rows):
+            grid = cell_stats(rows, num_stages, num_kernels, key=other)
+            table(f"{other} ({spread})", grid, _metric_text)
     lines += ["## Trials", ""]
     shown = ("trial_id", "num_stages", "num_kernels", "seed", "status", "epochs", "value")
     times = ("images_per_s", "epochs_s", "trial_s", "ray_train_s", "setup_s", "tracking_s")
@@ -162,10 +185,10 @@ def render_markdown(
     for row in rows:
         texts = [_md_value(row.get(k)) for k in (*shown, *times)]
         lines.append("| " + " | ".join(texts) + " |")
-    errors = [r for r in rows if r["status"] == "error"]
+    errors = [r for r in rows if r["status"] in ("error", "unfinished")]
     if errors:
-        lines += ["", "Failed trials (rerun the same command to retry them):", ""]
-        lines += [f"- {r['trial_id']}: {r.get('error') or 'unknown error'}" for r in errors]
+        lines += ["", "Failed or unfinished trials (rerun the same command to retry them):", ""]
+        lines += [f"- {r['trial_id']}: {r.get('error') or r['status']}" for r in errors]
     lines += ["", _time_summary(rows), ""]
     return "\n".join(lines)
 
@@ -189,6 +212,8 @@ def _metric_text(cell: Cell) -> str:
     text = f"{cell.mean:.1f}"
     if len(cell.values) > 1:
         text += f" ± {cell.std:.1f}"
+    if cell.stopped:
+        text += "*"
     if cell.failed:
         text += f" ({cell.failed} failed)"
     return text

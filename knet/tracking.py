@@ -169,5 +169,17 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def close_children(self, status: str = "KILLED") -> int:
+        """End the child runs still RUNNING (their process died); returns how many."""
+        client = self.mlflow.MlflowClient()
+        children = client.search_runs(
+            [self.run.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for child in children:
+            client.set_terminated(child.info.run_id, status=status)
+        return len(children)
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

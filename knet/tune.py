@@ -38,7 +38,8 @@ from knet.train import (
 
 SWEEP_FILE = "knet_sweep.json"  # <storage>/<name>/: what the sweep was started with
 TRIALS_DIR = "knet_trials"  # <storage>/<name>/<dir>/<trial id>.json: timings, run ids
-DRIVER_CPU = 0.01  # the trial driver only waits for its Train workers (0 is refused by Ray)
+DRIVER_CPU = 0.0  # the trial driver only waits for its Train workers: it reserves memory, no CPU
+DRIVER_RESOURCES = {"CPU": DRIVER_CPU, "memory": 64 * 2**20}
 HEADLINE = {"panoptic": "val_pq", "instance": "val_ap", "semantic": "val_miou"}
 
 
@@ -78,8 +79,9 @@ def tune(
     sweep_dir = Path(cfg.tune.storage_path) / name
     sweep = _sweep_state(sweep_dir, name, cfg, root)
     connect(address, dashboard=True)
-    check_placement(next(iter(trial_cfgs.values())))
-    concurrency = concurrent_trials(cfg)
+    first = next(iter(trial_cfgs.values()))  # the resources of every trial are the same
+    check_placement(first)
+    concurrency = concurrent_trials(first, cfg.tune.max_concurrent_trials)
     parent = _start_parent_run(cfg, name, sweep, root, params_hash)
     sweep["parent_run_id"] = parent.run_id if parent else None
     write_json_atomic(sweep_dir / SWEEP_FILE, sweep, indent=2)
@@ -96,7 +98,7 @@ def tune(
         "test_hooks": (test_hooks or {}).get("trials", []),
     }
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(trial_driver, payload=payload), {"CPU": DRIVER_CPU}
+        ray_tune.with_parameters(trial_driver, payload=payload), DRIVER_RESOURCES
     )
     restored = ray_tune.Tuner.can_restore(str(sweep_dir))
     try:
@@ -130,12 +132,16 @@ def tune(
             parent.end("FAILED")
         raise
     params = parameter_counts(cfg, grid)
-    rows = [_row(result, sweep_dir, metric, params) for result in results]
+    epochs = first.train.epochs
+    early = "stopped" if cfg.tune.scheduler == "asha" else "unfinished"
+    rows = [_row(result, sweep_dir, metric, params, epochs, early) for result in results]
     seconds = time.perf_counter() - started
     header = {
-        "sweep": f"`{name}` ({'restored' if restored else 'new'}; wall time {seconds:.0f} s "
-        f"in this invocation, {concurrency} trials at once)",
+        "sweep": f"`{name}` ({'restored' if restored else 'new'}, {concurrency} trial(s) at once)",
         "metric": f"{metric} ({cfg.tune.mode}), scheduler {cfg.tune.scheduler}",
+        "time": f"{seconds:.0f} s wall in this invocation (trial times below include earlier ones)"
+        if restored
+        else _time_split(rows, seconds, concurrency),
         "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
         "data": sweep["tags"].get("data_hash", "?"),
         "commit": f"{sweep['tags'].get('git_commit', '?')} "
@@ -151,7 +157,7 @@ def tune(
         header=header,
     )
     best = _best(rows, cfg.tune.mode)
-    failed = sum(r["status"] == "error" for r in rows)
+    failed = sum(r["status"] in ("error", "unfinished") for r in rows)
     if parent:
         _finish_parent(parent, rows, reports, best, metric, seconds, failed)
     return {
@@ -236,12 +242,13 @@ def trial_config(cfg: Config, point: dict[str, int], sweep_dir: Path) -> Config:
         raise ConfigError(f"tune.overrides: {err}") from None
 
 
-def concurrent_trials(cfg: Config) -> int:
-    """``tune.max_concurrent_trials``, or as many trials as the cluster can place at once."""
+def concurrent_trials(cfg: Config, limit: int = 0) -> int:
+    """``limit`` (``tune.max_concurrent_trials``), or as many trials of ``cfg``'s resources as
+    the cluster can place at once."""
     import ray
 
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
+    if limit:
+        return limit
     total = ray.cluster_resources()
     per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + DRIVER_CPU
     count = int(total.get("CPU", 0) / per_trial + 1e-9)
@@ -343,7 +350,14 @@ def _matches(match: dict[str, int], point: dict[str, int]) -> bool:
 # ------------------------------------------------------------------------ results
 
 
-def _row(result, sweep_dir: Path, metric: str, params: dict[tuple[int, int], int]) -> dict:
+def _row(
+    result,
+    sweep_dir: Path,
+    metric: str,
+    params: dict[tuple[int, int], int],
+    epochs: int,
+    early: str,
+) -> dict:
     config = result.config
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.split("-")[0]
@@ -356,9 +370,14 @@ def _row(result, sweep_dir: Path, metric: str, params: dict[tuple[int, int], int
         speeds = [float(v) for v in history["images_per_s"].dropna()]
     checkpoint = metrics.get("checkpoint_path")
     value = metrics.get(metric)
+    status = "finished"
+    if result.error is not None:
+        status = "error"
+    elif (metrics.get("epoch") or 0) < epochs:
+        status = early  # "stopped" by ASHA, or "unfinished" (an interrupted sweep)
     row = {
         "trial_id": trial_id,
-        "status": "error" if result.error is not None else "finished",
+        "status": status,
         "num_stages": config["num_stages"],
         "num_kernels": config["num_kernels"],
         "seed": config["seed"],
@@ -385,7 +404,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    done = [r for r in rows if r["status"] == "finished" and math.isfinite(r["value"])]
+    done = [r for r in rows if r["status"] != "error" and math.isfinite(r["value"])]
     if not done:
         return None
     pick = max if mode == "max" else min
@@ -439,9 +458,23 @@ def _finish_parent(parent, rows, reports, best, metric: str, seconds: float, fai
             {"best_trial": best["trial_id"], "best_run_id": str(best.get("mlflow_run_id"))}
         )
     parent.log_metrics(metrics, step=0)
+    # Attempts that never closed their run (a killed worker, a trial the scheduler stopped).
+    parent.close_children(status="KILLED")
     for path in reports.values():
         parent.log_artifact(path, "ablation")
     parent.end("FAILED" if failed else "FINISHED")
+
+
+def _time_split(rows: list[dict[str, Any]], seconds: float, concurrency: int) -> str:
+    """The sweep's wall time against the time spent inside trial drivers."""
+    inside = sum(r["trial_s"] for r in rows if math.isfinite(r["trial_s"]))
+    training = sum(r["epochs_s"] for r in rows if math.isfinite(r["epochs_s"]))
+    outside = seconds - inside / concurrency
+    return (
+        f"{seconds:.0f} s wall; inside the trial drivers {inside:.0f} s, of which training and "
+        f"validation {training:.0f} s; outside them (Ray start, Tune scheduling and state, the "
+        f"parent run, reports) {outside:.0f} s with {concurrency} trial(s) at once"
+    )
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:

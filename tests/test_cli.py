@@ -21,7 +21,10 @@ def knet(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = knet("--help")
     assert out.returncode == 0
-    assert "config" in out.stdout and "model" in out.stdout
+    for command in ("config", "model", "data", "train", "tune", "evaluate", "predict"):
+        assert command in out.stdout
+    tune = knet("tune", "--help")
+    assert tune.returncode == 0 and "--address" in tune.stdout and "--set" in tune.stdout
 
 
 def test_config_show_prints_the_resolved_config_with_overrides():

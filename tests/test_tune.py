@@ -32,7 +32,8 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     trial = trial_config(cfg, {"num_stages": 5, "num_kernels": 8, "seed": 8}, Path("/sweep"))
     assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (5, 8, 8)
     assert trial.train.eval_every == 1  # schedulers compare trials at every report
-    assert trial.train.epochs == 4 and trial.optim.lr_steps == (3,)  # params.yaml's overrides
+    assert trial.train.epochs == 5 and trial.optim.lr_steps == (4,)  # params.yaml's overrides
+    assert trial.train.cpus_per_worker == 1
     assert trial.train.storage_path == "/sweep/train"
     assert trial.model.channels == cfg.model.channels  # everything else as in the params
 
