@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test test-fast lint format lock clean bench
+.PHONY: install test test-fast lint format lock clean bench mlflow-ui
 
 install: $(STAMP)
 
@@ -49,3 +49,9 @@ clean:
 # Speed and memory of one training step (tiny default and R-50 preset); prints a table.
 bench: install
 	$(BIN)/python -m benchmarks
+
+# The MLflow UI on the embedded store: runs, the ablation sweep (a parent run, one child per
+# trial), the model registry with its aliases. http://127.0.0.1:5000
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
+	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -32,6 +32,8 @@ COLUMNS = (
     "val_pq",
     "val_pq_th",
     "val_pq_st",
+    "val_sq",
+    "val_rq",
     "val_ap",
     "val_miou",
     "params",
@@ -49,7 +51,7 @@ COLUMNS = (
 
 
 # Further metrics shown as tables when the trials reported them (their headline is `metric`).
-SECONDARY = ("val_pq", "val_pq_th", "val_pq_st", "val_ap", "val_miou")
+SECONDARY = ("val_pq", "val_pq_th", "val_pq_st", "val_sq", "val_rq", "val_ap", "val_miou")
 
 # A trial's status: ran all epochs; stopped early by ASHA; failed; interrupted before the end.
 STATUSES = ("finished", "stopped", "error", "unfinished")

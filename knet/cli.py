@@ -1,14 +1,15 @@
 """The ``knet`` command line. Every subcommand reads ``params.yaml`` and takes ``--set`` overrides.
 
 Subcommands arrive with the stages they run; today: ``knet config``, ``knet model`` and
-``knet data {synth,validate,prepare}``, ``knet train``, ``knet tune``, ``knet evaluate`` and
-``knet predict``.
+``knet data {synth,validate,prepare}``, ``knet train``, ``knet tune``, ``knet evaluate``,
+``knet predict``, ``knet promote`` and ``knet lineage``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,9 +121,34 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking_uri(args: argparse.Namespace, cfg: Config | None = None) -> str:
+    """``--tracking-uri``, else ``tracking.uri`` of the params (relative sqlite paths from here)."""
+    from knet.tracking import resolve_uri
+
+    if getattr(args, "tracking_uri", None):
+        return args.tracking_uri
+    if cfg is None:
+        cfg = load_config("params.yaml" if Path("params.yaml").exists() else None)
+    return resolve_uri(cfg.tracking.uri, Path.cwd())
+
+
+def _registered(args: argparse.Namespace, cfg: Config | None = None):
+    """The (model, config, categories) of ``--model models:/...``, or None."""
+    if not args.model:
+        return None
+    from knet.registry import load_registered
+
+    model, trained, categories, version = load_registered(
+        args.model, _tracking_uri(args, cfg), args.device
+    )
+    print(f"{args.model}: {version.name} version {version.version}", file=sys.stderr)
+    return model, trained, categories
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from knet.evaluate import evaluate_checkpoint
 
+    loaded = _registered(args, _config(args)) if args.model else None
     metrics = evaluate_checkpoint(
         args.checkpoint,
         args.params,
@@ -134,6 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         max_images=args.max_images,
+        loaded=loaded,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -151,6 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         device=args.device,
         progress=not args.quiet,
+        loaded=_registered(args),
     )
     print(
         f"wrote {len(summary.written)} overlay PNGs and segment JSONs to {args.out}; "
@@ -200,6 +228,49 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from knet.registry import promote
+
+    record = promote(_config(args), run_id=args.run_id, checkpoint=args.checkpoint)
+    metric = record["metric"]
+    challenger, before = record["challenger"], record["champion_before"]
+    print(f"{record['model']} version {challenger['version']}: {metric} {challenger[metric]:.2f}")
+    if before:
+        print(f"champion before: version {before['version']}: {metric} {before[metric]:.2f}")
+    print(f"decision: {record['decision']} ({record['reason']})")
+    print(f"champion: version {record['champion']}  (models:/{record['model']}@champion)")
+    timings = ", ".join(f"{k} {v:.2f}" for k, v in record["timings"].items())
+    print(f"timings (s): {timings}")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from knet.registry import lineage
+
+    info = lineage(args.uri, args.tracking_uri or _tracking_uri(args, _config(args)))
+    print(f"{info['uri']} -> {info['model']} version {info['version']} {info['aliases']}")
+    print(f"  run:        {info['run_id']} ({info['run_name']})")
+    print(f"  params:     hash {info['params_hash']}  {json.dumps(info['params'])}")
+    print(f"  data:       {info['data_hash']}")
+    print(f"  git commit: {info['git_commit']} (dirty: {info['git_dirty']})")
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(info["metrics"].items()))
+    print(f"  metrics:    {shown}")
+    print(f"  validation: {info['validation']}")
+    print("  reproduce:")
+    for line in info["reproduce"]:
+        print(f"    {line}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="a registered model instead: models:/NAME@ALIAS or models:/NAME/VERSION"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for --model (default: tracking.uri)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_params_args(evaluate)
     evaluate.add_argument("--checkpoint", help="a knet checkpoint (default: evaluate.checkpoint)")
+    _add_model_args(evaluate)
     evaluate.add_argument(
         "--split", help="prepared split (default: evaluate.split or data.val_split)"
     )
@@ -322,6 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.set_defaults(func=cmd_tune)
 
+    promote = commands.add_parser(
+        "promote",
+        help="register a model, alias it challenger, move champion if it is better",
+    )
+    _add_params_args(promote)
+    source = promote.add_mutually_exclusive_group()
+    source.add_argument("--run-id", help="an MLflow training run (its checkpoint artifact)")
+    source.add_argument("--checkpoint", help="a checkpoint file (default: train.output)")
+    promote.set_defaults(func=cmd_promote)
+
+    lin = commands.add_parser(
+        "lineage", help="a registered version's run, params, data hash, commit and metrics"
+    )
+    lin.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    _add_params_args(lin)
+    lin.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri)")
+    lin.set_defaults(func=cmd_lineage)
+
     predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument(
@@ -338,7 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a dotted key (repeatable)",
     )
-    predict.add_argument("--checkpoint", required=True, help="a knet checkpoint (.pt)")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a knet checkpoint (.pt)")
+    source.add_argument(
+        "--model", help="a registered model: models:/NAME@ALIAS or models:/NAME/VERSION"
+    )
+    predict.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for --model (default: tracking.uri)"
+    )
     predict.add_argument(
         "--task",
         choices=["panoptic", "instance", "semantic"],
@@ -353,8 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_knet_logs() -> None:
+    """The library logs through ``logging``; the command line shows knet's INFO messages."""
+    logger = logging.getLogger("knet")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_knet_logs()
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:

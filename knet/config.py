@@ -298,6 +298,24 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """``knet promote``: the registered model and the gate a challenger must pass."""
+
+    # Registered model name; empty = knet-<task> (knet-panoptic, knet-instance, knet-semantic).
+    name: str = ""
+    # The gate metric, a key of knet evaluate's metrics (pq, ap, miou, ...); empty = the task's
+    # headline: pq (panoptic), ap (instance), miou (semantic).
+    metric: str = ""
+    # The challenger becomes champion only if it beats the champion by at least this many
+    # metric points (the metrics are percentages).
+    min_improvement: float = 0.1
+    # The split both models are evaluated on; empty = data.val_split.
+    split: str = ""
+    # The decision and both scores (DVC-style metrics file).
+    output: str = "metrics/promotion.json"
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking (``knet/tracking.py`` is the only module that imports mlflow)."""
 
@@ -337,6 +355,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -388,6 +407,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "tune.reduction_factor": (2, 100),
     "tune.max_concurrent_trials": (0, 100000),
     "tune.max_failures": (-1, 1000),
+    "registry.min_improvement": (-100.0, 100.0),
     "optim.warmup_ratio": (0.0, 1.0),
 }
 _CHOICES: dict[str, tuple[int, ...]] = {"model.backbone.depth": (18, 34, 50, 101)}

@@ -65,18 +65,20 @@ def evaluate_checkpoint(
     device: str = "cpu",
     progress: bool = True,
     max_images: int | None = None,
+    loaded: tuple[KNet, Config, Categories] | None = None,
 ) -> dict[str, float]:
     """Evaluate the model stored in ``checkpoint`` on the data that ``params`` describe.
 
-    The model (architecture, weights, categories) comes from the checkpoint; the data, the
+    The model (architecture, weights, categories) comes from the checkpoint, or from
+    ``loaded`` (model, its config, categories: e.g. a registered version); the data, the
     image sizes and the post-processing settings from ``params`` + ``overrides``. Arguments
     left as None take their value from the ``evaluate`` section of the params.
     """
     cfg = load_config(params, overrides)
     ev = cfg.evaluate
-    model, trained, categories = model_from_checkpoint(
-        load_checkpoint(checkpoint or ev.checkpoint), device=device
-    )
+    if loaded is None:
+        loaded = model_from_checkpoint(load_checkpoint(checkpoint or ev.checkpoint), device=device)
+    model, trained, categories = loaded
     return evaluate_model(
         model,
         trained.model.task,

@@ -53,16 +53,23 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 def predict_checkpoint(
     inputs: Iterable[str | Path],
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     out: str | Path,
     task: str | None = None,
     params: str | Path | None = None,
     overrides: tuple[str, ...] | list[str] = (),
     device: str = "cpu",
     progress: bool = True,
+    loaded: tuple[KNet, Config, Categories] | None = None,
 ) -> PredictSummary:
-    """Predict every input image with the checkpoint's model; see :func:`predict_images`."""
-    model, trained, categories = model_from_checkpoint(load_checkpoint(checkpoint), device)
+    """Predict every input image with the checkpoint's model; see :func:`predict_images`.
+
+    ``loaded`` is an already loaded (model, its config, categories), e.g. a registered
+    version, used instead of ``checkpoint``.
+    """
+    if loaded is None:
+        loaded = model_from_checkpoint(load_checkpoint(checkpoint), device)
+    model, trained, categories = loaded
     if params is not None:
         cfg = load_config(params, overrides)
     else:  # the checkpoint's own config, with the overrides on top
@@ -96,8 +103,6 @@ def predict_images(
     _check_task(model_task, task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    transform = Transform(cfg.data, train=False)
     summary = PredictSummary()
     model.eval()
     for path in tqdm(expand_inputs(inputs), desc="predict", unit="img", disable=not progress):
@@ -108,21 +113,7 @@ def predict_images(
             log.error("%s", reason)
             summary.failed.append((str(path), reason))
             continue
-        tensor = torch.from_numpy(image)
-        sample = transform(tensor, torch.zeros(0, *image.shape[:2], dtype=torch.bool), None)
-        batch = Batch(sample.image[None], [], [sample.image_size], [image.shape[:2]], [0], [0])
-        # A panoptic model's semantic view is derived from its panoptic result.
-        run_task = "panoptic" if task == "semantic" and model_task == "panoptic" else task
-        _, per_image, _ = predict_batch(
-            model,
-            batch.to(device),
-            (run_task,),
-            categories.num_things,
-            categories.num_stuff if model_task == "panoptic" else 0,
-            cfg.model.postprocess,
-            amp=cfg.train.amp,
-        )
-        result = per_image[0][run_task]
+        result = predict_image(model, model_task, categories, cfg, image, task)
         picture, segments = _render(image, result, task, categories)
         picture.save(out / f"{path.stem}.png")
         (out / f"{path.stem}.json").write_text(
@@ -141,6 +132,34 @@ def predict_images(
     return summary
 
 
+def predict_image(
+    model: KNet, model_task: str, categories: Categories, cfg: Config, image: np.ndarray, task: str
+) -> Any:
+    """One (H, W, 3) uint8 RGB image -> the ``task`` result at the image's size.
+
+    The test transform of ``cfg.data`` and the post-processing of ``cfg.model.postprocess``,
+    as in evaluation; a panoptic model's semantic view is derived from its panoptic result.
+    """
+    _check_task(model_task, task)
+    device = next(model.parameters()).device
+    sample = Transform(cfg.data, train=False)(
+        torch.from_numpy(image), torch.zeros(0, *image.shape[:2], dtype=torch.bool), None
+    )
+    batch = Batch(sample.image[None], [], [sample.image_size], [image.shape[:2]], [0], [0])
+    run_task = "panoptic" if task == "semantic" and model_task == "panoptic" else task
+    with torch.no_grad():
+        _, per_image, _ = predict_batch(
+            model,
+            batch.to(device),
+            (run_task,),
+            categories.num_things,
+            categories.num_stuff if model_task == "panoptic" else 0,
+            cfg.model.postprocess,
+            amp=cfg.train.amp,
+        )
+    return per_image[0][run_task]
+
+
 def _check_task(model_task: str, task: str) -> None:
     allowed = {
         "panoptic": ("panoptic", "instance", "semantic"),
@@ -157,6 +176,23 @@ def _render(
     image: np.ndarray, result: Any, task: str, categories: Categories
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
     """The overlay picture and the JSON-ready segments of one result."""
+    segments = segments_of(result, task, categories)
+    if task == "panoptic":
+        return panoptic_overlay(image, result, categories), segments
+    if task == "instance":
+        return instance_overlay(image, result, categories), segments
+    return semantic_overlay(image, semantic_map(result), categories), segments
+
+
+def semantic_map(result: Any) -> np.ndarray:
+    """(H, W) class ids of a semantic result, or of a panoptic result's semantic view."""
+    if isinstance(result, PanopticResult):
+        return semantic_from_panoptic(result)
+    return result.cpu().numpy()
+
+
+def segments_of(result: Any, task: str, categories: Categories) -> list[dict[str, Any]]:
+    """JSON-ready segments: panoptic (id, class, score, area), instance (+ RLE), semantic."""
     if task == "panoptic":
         segments = [
             {
@@ -169,7 +205,7 @@ def _render(
             }
             for s in result.segments
         ]
-        return panoptic_overlay(image, result, categories), segments
+        return segments
     if task == "instance":
         segments = []
         for k in range(len(result.scores)):
@@ -188,13 +224,9 @@ def _render(
                     },
                 }
             )
-        return instance_overlay(image, result, categories), segments
-    if isinstance(result, PanopticResult):  # the semantic view of a panoptic model
-        semantic = semantic_from_panoptic(result)
-    else:
-        semantic = result.cpu().numpy()
-    classes, counts = np.unique(semantic, return_counts=True)
-    segments = [
+        return segments
+    classes, counts = np.unique(semantic_map(result), return_counts=True)
+    return [
         {
             "category_id": categories.ids[int(c)],
             "category": categories.names[int(c)],
@@ -203,4 +235,3 @@ def _render(
         for c, n in zip(classes, counts, strict=True)
         if c < len(categories)
     ]
-    return semantic_overlay(image, semantic, categories), segments

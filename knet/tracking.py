@@ -120,6 +120,24 @@ def _git(root: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+def experiment_id(cfg: TrackingConfig) -> str:
+    """The id of ``cfg.experiment``, created (artifacts under ``artifact_location``) if new."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(cfg.uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if cfg.uri.startswith("sqlite:"):
+        location = Path(cfg.artifact_location).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException:  # created meanwhile by a concurrent run
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
 class Tracker:
     """One MLflow run; resumes the same run when given its id (training restarts)."""
 
@@ -134,18 +152,10 @@ class Tracker:
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(cfg.uri)
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            location = None
-            if cfg.uri.startswith("sqlite:"):
-                location = Path(cfg.artifact_location).resolve().as_uri()
-            experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
         self.run = mlflow.start_run(
             run_id=run_id,
             run_name=None if run_id else run_name,
-            experiment_id=experiment_id,
+            experiment_id=experiment_id(cfg),
             tags=dict(tags or {}),
         )
         self.run_id = self.run.info.run_id

@@ -305,7 +305,7 @@ def train_loop_per_worker(
 
     ``loop_config`` holds the config, the run name, MLflow tags (``knet tune`` adds the parent
     run's id), optional ``extra_params`` for MLflow, ``kernel_maps`` (log the kernel pictures at
-    the end; default true) and test-only hooks.
+    the end; default true), ``label`` (a prefix for the epoch lines) and test-only hooks.
     """
     began = time.perf_counter()
     cfg = config_from_dict(loop_config["config"])
@@ -446,7 +446,7 @@ def _epochs(
             mlflow_run_id=run_id,
         )
         if ctx.rank == 0:
-            _print_epoch(metrics, cfg.train.epochs, epoch_times)
+            _print_epoch(metrics, cfg.train.epochs, epoch_times, loop_config.get("label", ""))
             if tracker:
                 tracker.log_metrics(metrics, step=epoch + 1)
     return history, epoch_times
@@ -465,15 +465,16 @@ def _validate(model, val_set, cfg: Config, cats, device, ctx: _Context) -> dict[
     return {f"val_{k}": v for k, v in computed.items()}
 
 
-def _print_epoch(metrics: dict[str, Any], epochs: int, times: list[float]) -> None:
+def _print_epoch(metrics: dict[str, Any], epochs: int, times: list[float], label: str = "") -> None:
     remaining = (epochs - metrics["epoch"]) * (sum(times) / len(times))
     shown = " ".join(
         f"{k[4:]} {v:.1f}"
         for k, v in metrics.items()
         if k.startswith("val_") and isinstance(v, float) and v == v
     )
+    prefix = f"{label}  " if label else ""
     print(
-        f"epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.3f}  {shown}  "
+        f"{prefix}epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.3f}  {shown}  "
         f"{metrics['images_per_s']:.1f} img/s  ETA {remaining / 60:.1f} min",
         flush=True,
     )

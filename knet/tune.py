@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ from knet.train import (
     check_placement,
     connect,
 )
+
+log = logging.getLogger(__name__)
 
 SWEEP_FILE = "knet_sweep.json"  # <storage>/<name>/: what the sweep was started with
 TRIALS_DIR = "knet_trials"  # <storage>/<name>/<dir>/<trial id>.json: timings, run ids
@@ -63,6 +67,9 @@ def tune(
         name, path, rows (one per trial), reports, best trial, parent MLflow run id, failed
         trial count, seconds, and whether the sweep was restored.
     """
+    # Concurrent trials print look-alike epoch lines, which Ray's log deduplication would merge
+    # (read when ray is first imported).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ray import tune as ray_tune
 
     root = Path(root).resolve()
@@ -103,7 +110,7 @@ def tune(
     restored = ray_tune.Tuner.can_restore(str(sweep_dir))
     try:
         if restored:
-            print(f"restoring sweep {name}: finished trials are kept, the rest run", flush=True)
+            log.info("restoring sweep %s: finished trials are kept, the rest run", name)
             tuner = ray_tune.Tuner.restore(
                 str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
             )
@@ -321,6 +328,7 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
         "tags": {**payload["tags"], "knet.trial_id": trial_id},
         "extra_params": {k: str(v) for k, v in point.items()},
         "kernel_maps": False,
+        "label": _point_name(point),
         "test_hooks": hooks,
     }
     trainer = build_trainer(loop_config, cfg, f"trial-{trial_id}", [TuneReportCallback()])
@@ -391,7 +399,7 @@ def _row(
         "checkpoint": str(Path(checkpoint) / "model.pt") if checkpoint else None,
         "error": _first_line(result.error) if result.error is not None else None,
     }
-    for key in ("val_pq", "val_pq_th", "val_pq_st", "val_ap", "val_miou"):
+    for key in ("val_pq", "val_pq_th", "val_pq_st", "val_sq", "val_rq", "val_ap", "val_miou"):
         row[key] = metrics.get(key, math.nan)
     for key in ("epochs_s", "ray_train_s", "setup_s", "tracking_s", "driver_s"):
         row[key] = timings.get(key, math.nan)
@@ -490,13 +498,17 @@ def _print_start(name: str, sweep_dir: Path, trials: int, concurrency: int, metr
         url = get_dashboard_url()
     except (ImportError, AttributeError, RuntimeError):
         url = ""
-    print(
-        f"sweep {name}: {trials} trials, {concurrency} at once, metric {metric}\n"
-        f"  Tune folder: {sweep_dir} (tensorboard --logdir {sweep_dir})",
-        flush=True,
+    log.info(
+        "sweep %s: %d trials, %d at once, metric %s\n  Tune folder: %s (tensorboard --logdir %s)",
+        name,
+        trials,
+        concurrency,
+        metric,
+        sweep_dir,
+        sweep_dir,
     )
     if url:
-        print(f"  Ray dashboard: http://{url}", flush=True)
+        log.info("  Ray dashboard: http://%s", url)
 
 
 __all__ = ["default_sweep_name", "grid_points", "trial_config", "trial_driver", "tune"]

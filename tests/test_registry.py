@@ -1,0 +1,311 @@
+"""The MLflow model registry on a real temporary sqlite store (and a real ``mlflow server``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from knet.checkpoint import load_model, save_checkpoint
+from knet.data.dataset import build_dataset, load_rgb
+from knet.model import build_model
+from knet.predict import predict_image, segments_of
+from knet.registry import RegistryError, lineage, load_model_files, load_registered, promote
+from knet.train import train
+from tests.test_train import make_data, run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny data and three checkpoints of rising quality on its val split."""
+    tmp = tmp_path_factory.mktemp("registry")
+    data = make_data(tmp)
+    cfg = run_config(data, tmp, "train.num_workers=0", "tracking.enabled=false")
+    val = build_dataset(cfg.data, "val", "panoptic", train=False)
+    torch.manual_seed(0)
+    untrained = build_model(cfg.model, val.categories.num_things, val.categories.num_stuff)
+    save_checkpoint(tmp / "untrained.pt", untrained, cfg, val.categories, epoch=0)
+    paths = {"untrained": tmp / "untrained.pt"}
+    for name, epochs in (("short", 3), ("long", 40)):
+        run = run_config(
+            data,
+            tmp,
+            "train.num_workers=0",
+            "tracking.enabled=false",
+            "data.train_split=val",  # fit the split the gate evaluates on: a clear ranking
+            f"train.epochs={epochs}",
+            f"train.eval_every={epochs}",
+            f"train.output={tmp / f'{name}.pt'}",
+            f"train.metrics={tmp / 'metrics' / f'{name}.json'}",
+        )
+        train(run, root=tmp)
+        paths[name] = tmp / f"{name}.pt"
+    return data, paths
+
+
+def store_config(data: Path, tmp: Path, *extra: str):
+    return run_config(
+        data,
+        tmp,
+        "registry.metric=miou",
+        "registry.min_improvement=1.0",
+        f"registry.output={tmp / 'promotion.json'}",
+        *extra,
+    )
+
+
+def test_first_champion_worse_rejected_better_promoted(models, tmp_path):
+    import mlflow
+
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    first = promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
+    assert first["decision"] == "promoted" and first["champion"] == 1
+    assert "first valid model" in first["reason"]
+    assert json.loads((tmp_path / "promotion.json").read_text())["champion"] == 1
+
+    worse = promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
+    assert worse["decision"] == "rejected" and worse["champion"] == 1
+    assert worse["challenger"]["miou"] < worse["champion_before"]["miou"]
+
+    better = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+    assert better["decision"] == "promoted" and better["champion"] == 3, better
+    assert better["challenger"]["miou"] >= better["champion_before"]["miou"] + 1.0
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    aliases = dict(client.get_registered_model("knet-panoptic").aliases)
+    assert {k: str(v) for k, v in aliases.items()} == {
+        "champion": "3",
+        "previous": "1",
+        "challenger": "3",
+    }
+    rejected = client.get_model_version("knet-panoptic", "2").tags
+    assert rejected["validation_status"] == "rejected"
+    assert "does not beat champion v1" in rejected["validation_reason"]
+    promoted = client.get_model_version("knet-panoptic", "3").tags
+    assert promoted["validation_status"] == "passed" and promoted["promoted_from"] == "1"
+    for tag in ("git_commit", "git_dirty", "data_hash", "params_hash", "metric.miou"):
+        assert tag in promoted
+    assert len(client.search_model_versions("name='knet-panoptic'")) == 3  # nothing deleted
+
+    info = lineage("models:/knet-panoptic@champion", cfg.tracking.uri)
+    assert info["version"] == 3 and info["run_id"] and info["data_hash"] == promoted["data_hash"]
+    assert info["reproduce"][0] == f"git checkout {promoted['git_commit']}"
+
+
+def test_registered_model_loads_by_alias_in_a_fresh_process(models, tmp_path):
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+    image_path = sorted((data / "raw" / "val").glob("*.png"))[0]
+    out = tmp_path / "pyfunc"
+    code = f"""
+import json, sys
+import mlflow, numpy as np
+from knet.data.dataset import load_rgb
+mlflow.set_tracking_uri({cfg.tracking.uri!r})
+model = mlflow.pyfunc.load_model("models:/knet-panoptic@champion")
+result = model.predict([load_rgb({str(image_path)!r})])[0]
+np.save({str(out) + ".npy"!r}, result["segment_map"])
+json.dump(result["segments"], open({str(out) + ".json"!r}, "w"))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    model, trained, categories = load_model(paths["long"])
+    expected = predict_image(
+        model, "panoptic", categories, trained, load_rgb(image_path), "panoptic"
+    )
+    np.testing.assert_array_equal(np.load(f"{out}.npy"), expected.segment_map.numpy())
+    assert json.loads(Path(f"{out}.json").read_text()) == segments_of(
+        expected, "panoptic", categories
+    )
+
+    # The same version through knet's own loader (no pyfunc machinery).
+    loaded, _, _, version = load_registered("models:/knet-panoptic/1", cfg.tracking.uri)
+    assert version.version in (1, "1")
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_missing_model_alias_or_version_is_a_clear_error(models, tmp_path):
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    with pytest.raises(RegistryError, match="registered model 'knet-panoptic' does not exist"):
+        load_registered("models:/knet-panoptic@champion", cfg.tracking.uri)
+    promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
+    with pytest.raises(RegistryError, match=r"has no alias 'staging' \(aliases: .*champion -> v1"):
+        load_registered("models:/knet-panoptic@staging", cfg.tracking.uri)
+    with pytest.raises(RegistryError, match="has no version 7"):
+        load_registered("models:/knet-panoptic/7", cfg.tracking.uri)
+    with pytest.raises(RegistryError, match="not a registered model URI"):
+        load_registered("runs:/abc/model", cfg.tracking.uri)
+    with pytest.raises(RegistryError, match="no checkpoint/model.pt artifact"):
+        promote(cfg, root=tmp_path, run_id="0" * 32)
+
+
+class Payload:
+    """Stands for any pickled object a tampered file could carry."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_tampered_weights_are_refused(models, tmp_path):
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
+    import mlflow
+
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/knet-panoptic/1", dst_path=str(tmp_path / "v1")
+        )
+    )
+    weights, config = folder / "artifacts" / "weights.pt", folder / "artifacts" / "knet.json"
+    load_model_files(weights, config)  # intact: loads
+    torch.save({"conv.weight": Payload()}, weights)
+    with pytest.raises(RegistryError, match="not a plain state dict of tensors; refused"):
+        load_model_files(weights, config)
+    torch.save([torch.zeros(1)], weights)
+    with pytest.raises(RegistryError, match="is not a state dict"):
+        load_model_files(weights, config)
+    torch.save({"nonsense": torch.zeros(1)}, weights)
+    with pytest.raises(RegistryError, match="does not fit the model"):
+        load_model_files(weights, config)
+
+
+@pytest.mark.slow
+def test_racing_promotions_end_with_the_better_model(models, tmp_path):
+    import mlflow
+
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    # An existing store and champion (a fresh sqlite file would race on its own migrations).
+    promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    procs = [
+        subprocess.Popen(
+            [
+                "knet",
+                "promote",
+                "--params",
+                str(params),
+                "--checkpoint",
+                str(paths[name]),
+                "--set",
+                f"registry.output={tmp_path / f'{name}.json'}",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("short", "long")
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    champion = client.get_model_version_by_alias("knet-panoptic", "champion")
+    assert champion.tags["knet.source"] == str(paths["long"]), outputs
+    assert champion.tags["validation_status"] == "passed"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
+    data, paths = models
+    port = _free_port()
+    env = {**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the server and its workers
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        cfg = store_config(data, tmp_path, f"tracking.uri={uri}")
+        first = promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
+        second = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+        assert first["champion"] == 1 and second["champion"] == 2
+        model, _, _, version = load_registered("models:/knet-panoptic@champion", uri)
+        assert str(version.version) == "2"
+        shown = subprocess.run(
+            ["knet", "lineage", "models:/knet-panoptic@champion", "--tracking-uri", uri],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "version 2" in shown.stdout and "git checkout" in shown.stdout
+        predicted = subprocess.run(
+            [
+                "knet",
+                "predict",
+                str(data / "raw" / "val"),
+                "--model",
+                "models:/knet-panoptic@champion",
+                "--tracking-uri",
+                uri,
+                "--out",
+                str(tmp_path / "predict"),
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert predicted.returncode == 0, predicted.stderr
+        assert len(list((tmp_path / "predict").glob("*.json"))) == 4
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
