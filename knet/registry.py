@@ -43,6 +43,7 @@ LINEAGE_TAGS = ("git_commit", "git_dirty", "data_hash", "params_hash")
 # What a serving environment needs besides knet itself (given, so MLflow does not spend
 # seconds inferring them).
 PIP_REQUIREMENTS = ["torch", "numpy", "scipy", "pycocotools", "pyyaml", "pillow"]
+EVAL_BOOKKEEPING = ("images", "seconds", "images_per_s", "forward_s", "postprocess_s")
 MAX_RECHECKS = 5  # champion re-reads when promotions race
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -216,7 +217,7 @@ def promote(
 
     challenger = scores[version]
     for key, value in challenger.items():
-        if isinstance(value, int | float):
+        if key not in EVAL_BOOKKEEPING and isinstance(value, float) and math.isfinite(value):
             client.set_model_version_tag(name, version, f"metric.{key}", str(value))
     client.set_model_version_tag(name, version, "validation_status", decision["status"])
     client.set_model_version_tag(name, version, "validation_reason", decision["reason"])
@@ -396,7 +397,12 @@ def lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
     run = client.get_run(version.run_id) if version.run_id else None
     params = run.data.params if run else {}
     commit = tags.get("git_commit", "unknown")
-    reproduce = [f"git checkout {commit}", "dvc checkout", "dvc repro train"]
+    reproduce = [
+        f"git checkout {commit}",
+        "dvc checkout  # the data of that commit's dvc.lock",
+        f"knet config show [--params FILE]  # must print digest {tags.get('params_hash')}",
+        "dvc repro train  # or: knet train [--params FILE]",
+    ]
     if tags.get("git_dirty") == "true":
         reproduce.insert(1, "# the tree was dirty when it was trained: uncommitted changes")
     return {
