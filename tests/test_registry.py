@@ -115,7 +115,33 @@ def test_first_champion_worse_rejected_better_promoted(models, tmp_path):
 def test_registered_model_loads_by_alias_in_a_fresh_process(models, tmp_path):
     data, paths = models
     cfg = store_config(data, tmp_path)
-    promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+    record = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+
+    # knet evaluate --model: the registered files give the score the gate saw.
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    evaluated = subprocess.run(
+        [
+            "knet",
+            "evaluate",
+            "--params",
+            str(params),
+            "--model",
+            "models:/knet-panoptic@champion",
+            "--metrics",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["miou"] == pytest.approx(record["challenger"]["miou"])
     image_path = sorted((data / "raw" / "val").glob("*.png"))[0]
     out = tmp_path / "pyfunc"
     code = f"""
