@@ -28,6 +28,10 @@ class TrackingError(RuntimeError):
     """The tracking URI cannot be used (unwritable sqlite folder, unreachable server)."""
 
 
+class TrackingUnreachableError(TrackingError):
+    """The tracking server does not answer (yet): worth retrying, unlike a bad URI."""
+
+
 def resolve_uri(uri: str, root: Path) -> str:
     """Make a relative ``sqlite:///file.db`` absolute under ``root`` (workers' cwd differs)."""
     prefix = "sqlite:///"
@@ -52,7 +56,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
         except (urllib.error.URLError, OSError) as err:
-            raise TrackingError(f"tracking.uri {uri} is not reachable: {err}") from None
+            raise TrackingUnreachableError(f"tracking.uri {uri} is not reachable: {err}") from None
         return
     raise TrackingError(f"tracking.uri {uri}: use sqlite:///path/to/file.db or http(s)://host")
 

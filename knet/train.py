@@ -34,7 +34,14 @@ from knet.losses import KNetCriterion
 from knet.metrics import gather
 from knet.model import build_model
 from knet.optim import build_optimizer, build_scheduler
-from knet.tracking import check_tracking_uri, flatten, lineage_tags, resolve_uri, system_info
+from knet.tracking import (
+    TrackingUnreachableError,
+    check_tracking_uri,
+    flatten,
+    lineage_tags,
+    resolve_uri,
+    system_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,10 @@ CHECKPOINT_FILE = "model.pt"
 
 class TrainSetupError(ValueError):
     """A run that cannot start (bad inputs, unreachable cluster); raised before any work."""
+
+
+class ServiceUnreachableError(TrainSetupError):
+    """A Ray head or tracking server that does not answer (yet): worth retrying."""
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -149,6 +160,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.tracking.enabled:
         try:
             check_tracking_uri(cfg.tracking.uri)
+        except TrackingUnreachableError as err:
+            raise ServiceUnreachableError(str(err)) from None
         except RuntimeError as err:
             raise TrainSetupError(str(err)) from None
 
@@ -232,7 +245,9 @@ def connect(address: str | None, dashboard: bool = False) -> None:
                 runtime_env=runtime_env,
             )
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise TrainSetupError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+        raise ServiceUnreachableError(
+            f"cannot connect to the Ray cluster at {address!r}: {err}"
+        ) from None
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -241,7 +256,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as err:
-        raise TrainSetupError(
+        raise ServiceUnreachableError(
             f"cannot connect to the Ray cluster at {address!r}: {err}. Start a head with "
             f"`ray start --head` or give --address auto / HOST:PORT of a running one"
         ) from None
@@ -650,4 +665,10 @@ class _Context:
                     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["TrainSetupError", "build_trainer", "train", "train_loop_per_worker"]
+__all__ = [
+    "ServiceUnreachableError",
+    "TrainSetupError",
+    "build_trainer",
+    "train",
+    "train_loop_per_worker",
+]

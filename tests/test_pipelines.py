@@ -1,0 +1,166 @@
+"""The Prefect flows, run for real: ``prefect_test_harness`` and a real Prefect server."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny model and images for the flows (the data side lives in the repo's params.yaml).
+FLOW_OVERRIDES = [
+    *TINY_OVERRIDES,
+    "data.min_size=[64]",
+    "data.max_size=64",
+    "data.test_size=64",
+    "data.num_workers=0",
+    "train.batch_size=2",
+    "train.cpus_per_worker=1",
+    "optim.warmup_iters=0",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def make_repo(tmp: Path) -> Path:
+    """A DVC repository with the project's pipeline and a tiny synthetic dataset's params."""
+    repo = tmp / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "knet", repo / "knet", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["synth"].update(image_size=64, train_images=8, val_images=4)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=_env(), check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_knet_flow_end_to_end(harness, tmp_path):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from pipelines.flows import train_knet
+
+    repo = make_repo(tmp_path)
+    summary = train_knet(root=str(repo), overrides=FLOW_OVERRIDES, epochs=1, predict_images=2)
+    assert summary["decision"] == "promoted" and summary["version"] == 1
+    assert set(summary["stage_s"]) >= {"prepare", "train", "evaluate", "registry", "predict"}
+    assert len(list(Path(summary["pictures"]).glob("*.png"))) == 2
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert {"synth", "prepare"} <= set(lock["stages"])  # DVC recorded the prep stage
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("knet-panoptic", "champion")
+    assert str(version.version) == "1" and version.tags["data_hash"] == summary["data_hash"]
+
+    async def read_artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    artifacts = {a.key: a for a in asyncio.run(read_artifact())}
+    assert "train-knet-summary" in artifacts
+    assert "| decision | promoted |" in artifacts["train-knet-summary"].data
+
+    # Again: the data comes from the cache (the prep task does not run DVC), and the rerun
+    # resumes the finished training run, so a second version of the same model is gated.
+    again = train_knet(root=str(repo), overrides=FLOW_OVERRIDES, epochs=1, predict_images=2)
+    assert again["version"] == 2 and again["decision"] == "rejected"
+    assert again["stage_s"]["prepare"] < summary["stage_s"]["prepare"]
+
+
+def test_a_bad_params_key_fails_fast_without_retries(harness, tmp_path):
+    from pipelines.flows import train_knet
+
+    state = train_knet(
+        root=str(tmp_path),
+        params=str(ROOT / "params.yaml"),
+        overrides=["model.num_stagse=4"],
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception, match="did you mean model.num_stages"):
+        state.result()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_service_that_comes_up_late_is_retried(harness, tmp_path):
+    """The tracking server answers only after the first attempt: the task retries, then passes."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from knet.config import load_config
+    from pipelines import tasks
+
+    port = _free_port()
+    cfg = load_config(ROOT / "params.yaml", [f"tracking.uri=http://127.0.0.1:{port}"])
+    servers = []
+
+    def serve_later():
+        time.sleep(1.0)  # the first attempt finds nothing listening
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), _Health))
+        servers[0].serve_forever()
+
+    @flow
+    def probe():
+        return tasks.check_services(cfg, str(tmp_path), None, return_state=True)
+
+    threading.Thread(target=serve_later, daemon=True).start()
+    try:
+        state = probe()
+    finally:
+        while not servers:
+            time.sleep(0.1)
+        servers[0].shutdown()
+    assert state.is_completed()
+
+    async def run_count():
+        async with get_client() as client:
+            run = await client.read_task_run(state.state_details.task_run_id)
+            return run.run_count
+
+    assert asyncio.run(run_count()) == 2  # failed once (unreachable), retried, passed
