@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 export RAY_AUTH_MODE ?= disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install test test-fast lint format lock clean bench mlflow-ui
+.PHONY: install test test-fast lint format lock clean bench mlflow-ui pipeline servers stop-servers
 
 install: $(STAMP)
 
@@ -55,3 +56,18 @@ bench: install
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+# The main command: the train-knet flow end to end on the embedded defaults (ephemeral Prefect
+# API, a local Ray instance, sqlite MLflow, synthetic data through DVC); a short schedule so it
+# fits in minutes on a laptop (PIPELINE_EPOCHS=10 for the full default).
+PIPELINE_EPOCHS ?= 3
+pipeline: install
+	$(BIN)/python -m pipelines train-knet --epochs $(PIPELINE_EPOCHS) \
+	  --set "optim.lr_steps=[$(shell expr $(PIPELINE_EPOCHS) - 1)]"
+
+# MLflow :5000, Prefect :4200 (work pool + worker), Ray head :8265 on 127.0.0.1; deploys the flows.
+servers: install
+	infra/local/servers.sh
+
+stop-servers:
+	infra/local/stop.sh

@@ -238,7 +238,10 @@ def connect(address: str | None, dashboard: bool = False) -> None:
             # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput. The
             # price is a "State API may be temporarily unavailable" warning from Ray Train's
             # placement-group cleaner; for the dashboard, start a head (README) and --address.
+            # address="local": always a new instance, never a cluster that `ray start` left
+            # in /tmp/ray/ray_current_cluster (a stopped head there made ray.init hang).
             ray.init(
+                address="local",
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",
                 log_to_driver=True,

@@ -77,6 +77,7 @@ def train_knet(
         predict_images: how many val images get overlay pictures.
     """
     root = str(Path(root).resolve())
+    address = address or None  # deployments pass "" for "start a local instance"
     times: dict[str, float] = {}
     clock = _Clock(times)
     items = _overrides(overrides, epochs, num_stages, num_kernels, tracking_uri)
@@ -143,6 +144,7 @@ def ablate_knet(
         Other arguments as in :func:`train_knet`.
     """
     root = str(Path(root).resolve())
+    address = address or None  # deployments pass "" for "start a local instance"
     times: dict[str, float] = {}
     clock = _Clock(times)
     items = _overrides(overrides, None, None, None, tracking_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -164,3 +165,74 @@ def test_a_service_that_comes_up_late_is_retried(harness, tmp_path):
             return run.run_count
 
     assert asyncio.run(run_count()) == 2  # failed once (unreachable), retried, passed
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deployments_on_a_real_server_run_through_a_process_worker(tmp_path):
+    """``prefect deploy --all`` creates train-knet/train-knet and ablate-knet/ablate-knet on a
+    real server on 127.0.0.1; a process worker runs the first to completion."""
+    import re
+    import signal
+    import urllib.request
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **_env(),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "KNET_ROOT": str(ROOT),
+        "KNET_RAY_ADDRESS": "",
+        "KNET_TRACKING_URI": "",
+    }
+
+    def prefect(*args, timeout=300):
+        done = subprocess.run(
+            ["prefect", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    server = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        prefect("work-pool", "create", "knet-process", "--type", "process")
+        prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml"))
+        listed = prefect("deployment", "ls")
+        assert "train-knet/train-knet" in listed and "ablate-knet/ablate-knet" in listed
+
+        repo = make_repo(tmp_path)
+        started = prefect(
+            "deployment",
+            "run",
+            "train-knet/train-knet",
+            "--param",
+            f"root={repo}",
+            "--param",
+            "epochs=1",
+            "--param",
+            "predict_images=1",
+            "--params",
+            json.dumps({"overrides": FLOW_OVERRIDES}),
+        )
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+        prefect("worker", "start", "--pool", "knet-process", "--run-once", timeout=900)
+        state = prefect("flow-run", "inspect", run_id)
+        assert "COMPLETED" in state, state
+        assert (repo / "outputs" / "predict").is_dir() and (repo / "dvc.lock").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
