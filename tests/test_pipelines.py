@@ -55,10 +55,12 @@ def make_repo(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def harness():
+    import ray
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+    ray.shutdown()  # the flows' training started a local Ray instance in this process
 
 
 @pytest.mark.ray

@@ -68,7 +68,9 @@ def run_config(data: Path, tmp: Path, *extra: str):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    if ray.is_initialized():  # an instance another module's flow or stage left running
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -9,6 +9,9 @@ for pid in "$STATE"/*.pid; do
     for _ in $(seq 1 30); do kill -0 "-$group" 2>/dev/null || break; sleep 1; done
     kill -KILL "-$group" 2>/dev/null || true
     echo "stopped $(basename "$pid" .pid) (process group $group)"
+    if [ "$(basename "$pid")" = ray.pid ]; then
+      rm -f /tmp/ray/ray_current_cluster  # `ray start` left it naming the head just stopped
+    fi
   fi
   rm -f "$pid"
 done
