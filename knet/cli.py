@@ -198,6 +198,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {summary['run_name']}: {summary['epochs']} epochs in {summary['seconds']} s")
     print(json.dumps(shown, indent=2))
     print(f"final checkpoint: {summary['checkpoint']}")
+    hosts = summary.get("worker_hosts") or []
+    speeds = summary.get("worker_images_per_s") or [None] * len(hosts)
+    if hosts:  # the last worker group: where each rank ran, and its mean images/s
+        workers = (
+            f"{h} ({v} img/s)" if v is not None else h for h, v in zip(hosts, speeds, strict=True)
+        )
+        print(f"workers: {', '.join(workers)}")
     if summary.get("mlflow_run_id"):
         print(f"MLflow run: {summary['mlflow_run_id']}")
     return 0

@@ -230,6 +230,11 @@ class TrainConfig:
     amp: bool = True
     # Ray Train workers (data-parallel processes); 0 runs the loop in the driver process.
     num_workers: int = 1
+    # Elastic training: with 1 <= min_workers < num_workers, a run that loses a host restarts
+    # from its latest checkpoint on the workers that still fit (at least min_workers) and
+    # grows back when resources return; 0 = a fixed group of num_workers. The batch size is
+    # per worker, so the global batch shrinks with the group.
+    min_workers: int = 0
     use_gpu: bool = False
     # CPUs reserved per worker: its torch threads on CPU (data-loader processes share them).
     cpus_per_worker: float = 1.0
@@ -245,11 +250,22 @@ class TrainConfig:
     max_bad_steps: int = 10
     # Seconds to wait for the cluster to place the workers before failing with a message.
     placement_timeout_s: float = 120.0
+    # Further placement attempts (each waiting placement_timeout_s) before the run fails, e.g.
+    # a fixed group after a host is lost; -1 waits forever (an autoscaling cluster that will
+    # bring the nodes).
+    placement_retries: int = 2
     # The final checkpoint (the DVC stage's output, and evaluate.checkpoint's default).
     output: str = "outputs/train/model.pt"
     # The last epoch's numbers (DVC metrics); the per-epoch history goes beside it as
     # <stem>_history.json (DVC plots).
     metrics: str = "metrics/train.json"
+
+    def __post_init__(self) -> None:
+        if self.min_workers and self.min_workers > self.num_workers:
+            raise ConfigError(
+                f"train.min_workers ({self.min_workers}) must not exceed "
+                f"train.num_workers ({self.num_workers}); 0 means a fixed group"
+            )
 
 
 @dataclass(frozen=True)
@@ -394,6 +410,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.epochs": (1, 100000),
     "train.batch_size": (1, 4096),
     "train.num_workers": (0, 4096),
+    "train.min_workers": (0, 4096),
+    "train.placement_retries": (-1, 1000),
     "train.cpus_per_worker": (0.01, 1024),
     "train.eval_every": (1, 100000),
     "train.max_failures": (-1, 1000),

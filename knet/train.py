@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def _train_on_ray(
     try:
         result = trainer.fit()
     except Exception as err:  # V2 raises TrainingFailedError after the retries
-        raise RuntimeError(f"training run {run_name} failed: {err}") from err
+        raise RuntimeError(f"training run {run_name} failed: {err}{_hint(err, cfg)}") from err
     checkpoint = None
     if result.checkpoint is not None:
         folder = Path(tempfile.mkdtemp(prefix="knet-final-"))
@@ -189,6 +190,20 @@ def _train_on_ray(
     summary["checkpoint"] = checkpoint
     summary["ray_path"] = result.path
     return summary
+
+
+def _hint(err: Exception, cfg: Config) -> str:
+    """What to do next, for the failure a lost host leaves behind."""
+    if "startup timed out" not in str(err):
+        return ""
+    return (
+        f"\nknet: the cluster could not place the worker group (train.num_workers="
+        f"{cfg.train.num_workers}) in {cfg.train.placement_retries + 1} attempts of "
+        f"train.placement_timeout_s={cfg.train.placement_timeout_s:g} s; a host may be gone. "
+        f"The checkpoints in {cfg.train.storage_path} are intact: rerun the same command once "
+        f"the resources are back and it resumes from the latest one, or set train.min_workers "
+        f"to go on with fewer workers (elastic)."
+    )
 
 
 def publish(checkpoint: str | Path, cfg: Config) -> str:
@@ -266,15 +281,23 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def check_placement(cfg: Config) -> None:
-    """Refuse, before any work, a worker group the cluster can never place."""
+    """Refuse, before any work, a worker group the cluster can never place.
+
+    With ``train.placement_retries: -1`` (an autoscaling cluster, whose GPU nodes come up on
+    demand) the run waits for the resources instead.
+    """
     import ray
 
+    if cfg.train.placement_retries < 0:
+        return
     total = ray.cluster_resources()
-    need_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker
-    need_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
+    workers = cfg.train.min_workers or cfg.train.num_workers  # an elastic group may start small
+    need_cpu = workers * cfg.train.cpus_per_worker
+    need_gpu = workers if cfg.train.use_gpu else 0
     if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        key = "min_workers" if cfg.train.min_workers else "num_workers"
         raise TrainSetupError(
-            f"train.num_workers={cfg.train.num_workers} x (train.cpus_per_worker="
+            f"train.{key}={workers} x (train.cpus_per_worker="
             f"{cfg.train.cpus_per_worker}{', 1 GPU' if cfg.train.use_gpu else ''}) needs "
             f"{need_cpu:g} CPUs and {need_gpu} GPUs, but the cluster has "
             f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
@@ -294,19 +317,28 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    # (min, max) is Ray Train's elastic group: after a lost host it restarts on what fits.
+    workers = cfg.train.num_workers
+    if 0 < cfg.train.min_workers < workers:
+        workers = (cfg.train.min_workers, cfg.train.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
+            num_workers=workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.train.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # A worker group that cannot be placed (a fixed group after a lost host) is a
+            # controller failure, which Ray retries forever by default: bound it.
+            failure_config=FailureConfig(
+                max_failures=cfg.train.max_failures,
+                controller_failure_limit=cfg.train.placement_retries,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
@@ -354,7 +386,8 @@ def train_loop_per_worker(
     ddp_model = ctx.prepare_model(model)
     criterion = KNetCriterion(cfg.loss, cfg.model.task, cats.num_things, cats.num_stuff)
     poisoned = _NaNAfter(criterion, loop_config.get("test_hooks", {}).get("nan_from_epoch"))
-    worker_nodes = ctx.all_gather(ctx.node_id())  # where every rank runs, for the summary
+    # Where every rank runs (node id, host address), for the summary.
+    placed = ctx.all_gather((ctx.node_id(), ctx.host()))
     tracking_began = time.perf_counter()
     tracker = _start_tracker(cfg, loop_config, state) if ctx.rank == 0 else None
     timings = {"tracking_s": time.perf_counter() - tracking_began}
@@ -379,14 +412,22 @@ def train_loop_per_worker(
     except BaseException:
         if tracker:
             tracker.end("FAILED")
+        if ctx.ray_worker:  # Ray has the checkpoints in storage (the driver's loop keeps them)
+            shutil.rmtree(ctx.local_dir, ignore_errors=True)
         raise
     timings["epochs_s"] = sum(epoch_times)
+    # Each rank's mean images/s over the epochs this worker group trained (a group restarted
+    # after a failure reports only its own epochs).
+    speeds = [m["images_per_s"] for m in history[len(history) - len(epoch_times) :]]
+    worker_speeds = ctx.all_gather(round(sum(speeds) / len(speeds), 2) if speeds else None)
     summary = {
         "epochs": cfg.train.epochs,
         "final": history[-1] if history else {},
         "checkpoint": ctx.last_checkpoint,
         "mlflow_run_id": tracker.run_id if tracker else None,
-        "worker_nodes": worker_nodes,
+        "worker_nodes": [node for node, _ in placed],
+        "worker_hosts": [host for _, host in placed],
+        "worker_images_per_s": worker_speeds,
     }
     if tracker:
         finishing = time.perf_counter()
@@ -579,7 +620,9 @@ class _Context:
 
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.local_dir = Path(tempfile.mkdtemp(prefix="knet-ckpt-"))
+        # Rank 0's scratch copy of each checkpoint before Ray persists it; created by the first
+        # report, so the other ranks (and a run that fails early) leave no folder behind.
+        self.local_dir = Path(tempfile.gettempdir()) / f"knet-ckpt-{uuid.uuid4().hex[:12]}"
 
     def node_id(self) -> str:
         if not self.ray_worker:
@@ -587,6 +630,14 @@ class _Context:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def host(self) -> str:
+        """The address of this worker's node (what ``ray status`` and the dashboard show)."""
+        if not self.ray_worker:
+            return socket.gethostname()
+        import ray.util
+
+        return ray.util.get_node_ip_address()
 
     def device(self, cfg: Config) -> torch.device:
         if self.ray_worker:

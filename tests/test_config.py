@@ -133,3 +133,10 @@ def test_config_is_frozen_and_digest_tracks_values():
         a.model.num_stages = 5  # type: ignore[misc]
     assert a.digest() == load_config(None).digest()
     assert a.digest() != b.digest()
+
+
+def test_min_workers_must_fit_in_num_workers():
+    with pytest.raises(ConfigError, match=r"train.min_workers \(3\) must not exceed"):
+        load_config(None, ["train.num_workers=2", "train.min_workers=3"])
+    with pytest.raises(ConfigError, match="train.placement_retries"):
+        load_config(None, ["train.placement_retries=-2"])

@@ -41,27 +41,29 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("train-data"))
 
 
+def run_overrides(data: Path, tmp: Path, *extra: str) -> list[str]:
+    """``--set`` items for a tiny run on ``data`` with every output under ``tmp``."""
+    return [
+        *TINY_OVERRIDES,
+        f"data.raw={data / 'raw'}",
+        f"data.prepared={data / 'prepared'}",
+        "data.min_size=[64]",
+        "data.max_size=64",
+        "data.test_size=64",
+        "data.num_workers=0",
+        "train.batch_size=2",
+        "optim.lr=0.001",
+        "optim.warmup_iters=0",
+        f"train.storage_path={tmp / 'ray'}",
+        f"train.output={tmp / 'out' / 'model.pt'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp / 'mlartifacts'}",
+        *extra,
+    ]
+
+
 def run_config(data: Path, tmp: Path, *extra: str):
-    return load_config(
-        ROOT / "params.yaml",
-        [
-            *TINY_OVERRIDES,
-            f"data.raw={data / 'raw'}",
-            f"data.prepared={data / 'prepared'}",
-            "data.min_size=[64]",
-            "data.max_size=64",
-            "data.test_size=64",
-            "data.num_workers=0",
-            "train.batch_size=2",
-            "optim.lr=0.001",
-            "optim.warmup_iters=0",
-            f"train.storage_path={tmp / 'ray'}",
-            f"train.output={tmp / 'out' / 'model.pt'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.artifact_location={tmp / 'mlartifacts'}",
-            *extra,
-        ],
-    )
+    return load_config(ROOT / "params.yaml", run_overrides(data, tmp, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +221,30 @@ def test_every_task_trains_through_the_same_command_and_its_metric_rises(
     first, best = history[0][metric], max(h[metric] for h in history)
     assert best > first, f"{metric}: {[h[metric] for h in history]}"
     assert summary["final"]["epoch"] == 12
+
+
+def test_elastic_group_and_bounded_placement_reach_ray_train(tmp_path):
+    from knet.train import build_trainer
+
+    fixed = run_config(tmp_path, tmp_path, "train.num_workers=2", "train.placement_retries=1")
+    trainer = build_trainer({}, fixed, "fixed")
+    assert trainer.scaling_config.num_workers == 2
+    # Ray retries an unplaceable worker group forever by default; knet bounds it.
+    assert trainer.run_config.failure_config.controller_failure_limit == 1
+    elastic = run_config(tmp_path, tmp_path, "train.num_workers=4", "train.min_workers=2")
+    assert build_trainer({}, elastic, "elastic").scaling_config.num_workers == (2, 4)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_elastic_group_is_checked_against_its_minimum(data, tmp_path, local_ray):
+    # 2 CPUs here: 3 fixed workers never fit, an elastic 1..3 group may start with what fits.
+    items = ("train.num_workers=3", "train.cpus_per_worker=1", "tracking.enabled=false")
+    with pytest.raises(TrainSetupError, match=r"train.num_workers=3 .* needs 3 CPUs"):
+        train(run_config(data, tmp_path, *items), root=tmp_path)
+    summary = train(
+        run_config(data, tmp_path, *items, "train.min_workers=1", "train.epochs=1"),
+        root=tmp_path,
+    )
+    assert summary["epochs"] == 1 and 1 <= len(summary["worker_hosts"]) <= 2
+    assert all(speed and speed > 0 for speed in summary["worker_images_per_s"])
