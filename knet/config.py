@@ -296,7 +296,8 @@ class TuneConfig:
     # dotted.key=value overrides applied to every trial (a sweep's shorter schedule); the grid
     # keys (model.num_stages, model.num_kernels, train.seed) are set by the sweep itself.
     overrides: tuple[str, ...] = ()
-    # Ray Tune experiment folders (shared storage on a cluster).
+    # Ray Tune experiment folders: a local or shared POSIX path (an NFS/EFS mount on a
+    # cluster). Not s3://: knet keeps the sweep's records beside Tune's with file I/O.
     storage_path: str = "outputs/tune"
     # Sweep name; empty = derived from the params and knet's source, so rerunning the same
     # sweep restores it (finished trials are not rerun) and any change starts a new one.
@@ -305,6 +306,12 @@ class TuneConfig:
     report_dir: str = "reports"
 
     def __post_init__(self) -> None:
+        if "://" in self.storage_path:
+            raise ConfigError(
+                f"tune.storage_path must be a local or shared file system path (an NFS or EFS "
+                f"mount on a cluster), not {self.storage_path!r}: knet tune keeps its sweep "
+                f"records there with file I/O (train.storage_path may be s3://)"
+            )
         for key in ("num_stages", "num_kernels"):
             values = getattr(self, key)
             if not values:

@@ -140,3 +140,9 @@ def test_min_workers_must_fit_in_num_workers():
         load_config(None, ["train.num_workers=2", "train.min_workers=3"])
     with pytest.raises(ConfigError, match="train.placement_retries"):
         load_config(None, ["train.placement_retries=-2"])
+
+
+def test_tune_storage_must_be_a_file_system_path():
+    with pytest.raises(ConfigError, match=r"tune.storage_path must be .* not 's3://b/tune'"):
+        load_config(None, ["tune.storage_path=s3://b/tune"])
+    assert load_config(None, ["train.storage_path=s3://b/ray"]).train.storage_path == "s3://b/ray"
