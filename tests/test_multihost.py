@@ -360,24 +360,28 @@ def test_knet_train_runs_on_both_hosts(two_hosts, data, tmp_path):
     print(f"two-host knet train: {seconds:.1f} s, workers {workers}")
 
 
-def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path):
-    job_id = f"knet-test-{os.getpid()}"
+@pytest.mark.parametrize("form", ["installed", "working-dir"])
+def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path, form):
+    """Both forms of infra/README.md: the installed `knet`, and a checkout shipped as the
+    job's working directory (`python -m knet` imports from it)."""
+    job_id = f"knet-test-{form}-{os.getpid()}"
     train = _train_cmd(data, tmp_path, "auto", "train.epochs=2", "train.num_workers=1")
+    ship = []
+    if form == "working-dir":
+        train = ["python", "-m", "knet", *train[1:]]
+        ship = [f"--working-dir={ROOT}"]
     submit = [
         str(BIN / "ray"), "job", "submit", f"--address={two_hosts.dashboard_url}",
-        f"--submission-id={job_id}",
+        f"--submission-id={job_id}", *ship,
         "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
         "--", *train,
     ]  # fmt: skip
     done = two_hosts.run("head", submit)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    logs = two_hosts.run(
-        "head", [str(BIN / "ray"), "job", "logs", job_id, f"--address={two_hosts.dashboard_url}"]
-    )
+    ray_job = [f"--address={two_hosts.dashboard_url}", job_id]
+    logs = two_hosts.run("head", [str(BIN / "ray"), "job", "logs", *ray_job])
     assert "epoch 1/2" in logs.stdout and "epoch 2/2" in logs.stdout, logs.stdout[-3000:]
-    status = two_hosts.run(
-        "head", [str(BIN / "ray"), "job", "status", job_id, f"--address={two_hosts.dashboard_url}"]
-    )
+    status = two_hosts.run("head", [str(BIN / "ray"), "job", "status", *ray_job])
     assert f"job {job_id!r} succeeded" in status.stdout.lower(), status.stdout
     assert load_checkpoint(tmp_path / "out" / "model.pt")["epoch"] == 2
 
