@@ -234,37 +234,31 @@ def _write_plot(
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for kernels in num_kernels:
-        line = [cells[s, kernels] for s in num_stages]
-        left.errorbar(
-            num_stages,
-            [c.mean for c in line],
-            yerr=[c.std for c in line],
-            marker="o",
-            capsize=3,
-            label=f"{kernels} kernels",
-        )
-    left.set(xlabel="kernel update rounds", ylabel=metric, xticks=list(num_stages))
-    left.set_title(f"{metric} vs update rounds")
-    for stages in num_stages:
-        line = [cells[stages, k] for k in num_kernels]
-        right.errorbar(
-            num_kernels,
-            [c.mean for c in line],
-            yerr=[c.std for c in line],
-            marker="s",
-            capsize=3,
-            label=f"{stages} rounds",
-        )
-    right.set(xlabel="instance kernels", ylabel=metric, xticks=list(num_kernels))
-    right.set_title(f"{metric} vs kernels")
-    for axes in (left, right):
-        axes.grid(alpha=0.3)
-        axes.legend()
+    per_kernels = {f"{k} kernels": [cells[s, k] for s in num_stages] for k in num_kernels}
+    per_rounds = {f"{s} rounds": [cells[s, k] for k in num_kernels] for s in num_stages}
+    _panel(left, metric, "update rounds", "kernel update rounds", num_stages, "o", per_kernels)
+    _panel(right, metric, "kernels", "instance kernels", num_kernels, "s", per_rounds)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _panel(axes, metric: str, versus: str, xlabel: str, xs, marker: str, lines) -> None:
+    """One panel: ``metric`` (mean +- std over seeds) against ``xs``, one line per label."""
+    for label, line in lines.items():
+        axes.errorbar(
+            xs,
+            [c.mean for c in line],
+            yerr=[c.std for c in line],
+            marker=marker,
+            capsize=3,
+            label=label,
+        )
+    axes.set(xlabel=xlabel, ylabel=metric, xticks=list(xs))
+    axes.set_title(f"{metric} vs {versus}")
+    axes.grid(alpha=0.3)
+    axes.legend()
 
 
 def _write_text(path: Path, text: str) -> None:

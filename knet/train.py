@@ -393,22 +393,10 @@ def train_loop_per_worker(
     timings = {"tracking_s": time.perf_counter() - tracking_began}
     timings["setup_s"] = time.perf_counter() - began - timings["tracking_s"]
     try:
-        history, epoch_times = _epochs(
-            ddp_model,
-            model,
-            poisoned,
-            loader,
-            optimizer,
-            scheduler,
-            val_set,
-            cfg,
-            cats,
-            device,
-            ctx,
-            state,
-            loop_config,
-            tracker,
+        run = _Run(
+            cfg, model, ddp_model, poisoned, loader, optimizer, scheduler, val_set, cats, device
         )
+        history, epoch_times = _epochs(run, ctx, state, loop_config, tracker)
     except BaseException:
         if tracker:
             tracker.end("FAILED")
@@ -440,23 +428,31 @@ def train_loop_per_worker(
     return summary
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one worker trains with: the config, the model (and its DDP wrapper), the data."""
+
+    cfg: Config
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    criterion: _NaNAfter
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    val_set: Any
+    cats: Any
+    device: torch.device
+
+
 def _epochs(
-    ddp_model,
-    model,
-    poisoned,
-    loader,
-    optimizer,
-    scheduler,
-    val_set,
-    cfg: Config,
-    cats,
-    device,
+    run: _Run,
     ctx: _Context,
     state: dict[str, Any],
     loop_config: dict[str, Any],
     tracker,
 ) -> tuple[list[dict[str, Any]], list[float]]:
     """Train from the restored epoch to ``train.epochs``; report and checkpoint each one."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
     history: list[dict[str, Any]] = state.get("history", [])
     bad_steps = state.get("bad_steps", 0)
     epoch_times: list[float] = []
@@ -465,15 +461,15 @@ def _epochs(
         if fail and fail["epoch"] == epoch and Path(fail["while"]).exists():
             raise RuntimeError(f"test hook: failing at epoch {epoch} while {fail['while']} exists")
         start = time.perf_counter()
-        ctx.set_epoch(loader, epoch)
+        ctx.set_epoch(run.loader, epoch)
         stats = train_one_epoch(
-            ddp_model,
-            poisoned.at(epoch),
-            loader,
+            run.ddp_model,
+            run.criterion.at(epoch),
+            run.loader,
             optimizer,
-            scheduler,
+            run.scheduler,
             cfg.optim,
-            device,
+            run.device,
             amp=cfg.train.amp,
             progress=ctx.rank == 0,
             max_bad_steps=cfg.train.max_bad_steps,
@@ -487,7 +483,7 @@ def _epochs(
             "lr": optimizer.param_groups[-1]["lr"],
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(_validate(model, val_set, cfg, cats, device, ctx))
+            metrics.update(_validate(model, run.val_set, cfg, run.cats, run.device, ctx))
         epoch_times.append(time.perf_counter() - start)
         metrics["epoch_s"] = round(epoch_times[-1], 2)
         history.append(metrics)
@@ -496,9 +492,9 @@ def _epochs(
             metrics,
             model,
             cfg,
-            cats,
+            run.cats,
             optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
+            scheduler=run.scheduler.state_dict(),
             epoch=epoch + 1,
             history=history,
             bad_steps=bad_steps,

@@ -75,7 +75,8 @@ def tune(
     root = Path(root).resolve()
     started = time.perf_counter()
     params_hash = cfg.digest()
-    name = cfg.tune.name or default_sweep_name(cfg)
+    digest = sweep_digest(cfg)  # of the params as written, before paths are made absolute
+    name = cfg.tune.name or default_sweep_name(cfg, digest)
     cfg = absolute_paths(cfg, root)
     metric = metric_name(cfg)
     if cfg.train.num_workers < 1:
@@ -84,7 +85,7 @@ def tune(
     trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
     check_inputs(cfg)
     sweep_dir = Path(cfg.tune.storage_path) / name
-    sweep = _sweep_state(sweep_dir, name, cfg, root)
+    sweep = _sweep_state(sweep_dir, name, digest, cfg, root)
     connect(address, dashboard=True)
     first = next(iter(trial_cfgs.values()))  # the resources of every trial are the same
     check_placement(first)
@@ -188,10 +189,14 @@ def metric_name(cfg: Config) -> str:
     return cfg.tune.metric or HEADLINE[cfg.model.task]
 
 
-def default_sweep_name(cfg: Config) -> str:
-    """``ablation-<task>-<digest of the params and of knet's source>``."""
-    digest = hashlib.sha256(f"{cfg.digest()}:{source_digest()}".encode()).hexdigest()[:12]
-    return f"ablation-{cfg.model.task}-{digest}"
+def sweep_digest(cfg: Config) -> str:
+    """The sweep's identity: a digest of the params and of knet's source."""
+    return hashlib.sha256(f"{cfg.digest()}:{source_digest()}".encode()).hexdigest()[:12]
+
+
+def default_sweep_name(cfg: Config, digest: str | None = None) -> str:
+    """``ablation-<task>-<sweep digest>``."""
+    return f"ablation-{cfg.model.task}-{digest or sweep_digest(cfg)}"
 
 
 def source_digest() -> str:
@@ -422,11 +427,12 @@ def _best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
 # -------------------------------------------------------------- sweep bookkeeping
 
 
-def _sweep_state(sweep_dir: Path, name: str, cfg: Config, root: Path) -> dict[str, Any]:
+def _sweep_state(
+    sweep_dir: Path, name: str, digest: str, cfg: Config, root: Path
+) -> dict[str, Any]:
     """The sweep's record; refuses a ``tune.name`` reused with other params or code."""
     from knet.tracking import lineage_tags
 
-    digest = hashlib.sha256(f"{cfg.digest()}:{source_digest()}".encode()).hexdigest()[:12]
     path = sweep_dir / SWEEP_FILE
     if path.exists():
         state = json.loads(path.read_text())

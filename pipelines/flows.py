@@ -81,12 +81,7 @@ def train_knet(
     times: dict[str, float] = {}
     clock = _Clock(times)
     items = _overrides(overrides, epochs, num_stages, num_kernels, tracking_uri)
-    with clock("params"):
-        cfg = load_params(str(Path(root) / params), items)
-    with clock("services"):
-        check_services(cfg, root, address)
-    with clock("prepare"):
-        data = prepare_data(root)
+    cfg, data = _prepare(params, items, root, address, clock)
     with clock("train"):
         trained = train_model(cfg, root, address)
     with clock("evaluate"):
@@ -154,12 +149,7 @@ def ablate_knet(
         items.append(f"tune.num_kernels={list(num_kernels)}")
     if seeds:
         items.append(f"tune.seeds={seeds}")
-    with clock("params"):
-        cfg = load_params(str(Path(root) / params), items)
-    with clock("services"):
-        check_services(cfg, root, address)
-    with clock("prepare"):
-        data = prepare_data(root)
+    cfg, data = _prepare(params, items, root, address, clock)
     with clock("tune"):
         sweep = tune_sweep(cfg, root, address)
     summary = {
@@ -185,6 +175,20 @@ def ablate_knet(
     summary["stage_s"] = {k: round(v, 1) for k, v in times.items()}
     _publish("ablate-knet-summary", "ablate-knet", summary)
     return summary
+
+
+def _prepare(params: str, items: list[str], root: str, address: str | None, clock: _Clock):
+    """The flows' first stages: load the params, check the services, prepare the data (DVC).
+
+    Returns the config and the prepared data's DVC hash.
+    """
+    with clock("params"):
+        cfg = load_params(str(Path(root) / params), items)
+    with clock("services"):
+        check_services(cfg, root, address)
+    with clock("prepare"):
+        data = prepare_data(root)
+    return cfg, data
 
 
 class _Clock:

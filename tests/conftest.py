@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from knet.config import Config, load_config
 from knet.structures import Targets, downsample_masks
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NUM_THINGS = 3
 NUM_STUFF = 2
@@ -98,3 +106,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (knet, ray, dvc, mlflow, prefect)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **extra}
+
+
+def make_dvc_repo(tmp: Path, **synth: int) -> Path:
+    """A git + DVC repository at ``tmp/repo`` with the project's pipeline and code, and the
+    synthetic dataset's params changed to ``synth`` (image_size, train_images, ...)."""
+    repo = tmp / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "knet", repo / "knet", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["synth"].update(synth)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=venv_env(), check=True)
+    return repo

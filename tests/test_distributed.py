@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,13 +10,7 @@ import torch.multiprocessing as mp
 
 from knet.losses import KNetCriterion
 from knet.model import build_model
-from tests.conftest import NUM_STUFF, NUM_THINGS, synthetic_batch, tiny_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import NUM_STUFF, NUM_THINGS, free_port, synthetic_batch, tiny_config
 
 
 def _worker(rank: int, port: int, results) -> None:
@@ -43,7 +36,7 @@ def test_focal_loss_is_normalised_by_the_mean_number_of_positives_over_workers()
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
     distributed = dict(results)
 
     # The same computation on one process: rank 0 alone normalises by its own count.

@@ -3,38 +3,27 @@ git repository."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import make_dvc_repo, venv_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
 
 
 @pytest.mark.slow
 def test_repro_runs_skips_and_reruns_on_param_change(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "knet", repo / "knet", ignore=shutil.ignore_patterns("__pycache__"))
+    repo = make_dvc_repo(tmp_path, image_size=48, train_images=4, val_images=2)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["synth"].update(image_size=48, train_images=4, val_images=2)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
 
     first = run(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'synth'" in first and "Running stage 'prepare'" in first

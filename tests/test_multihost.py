@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import psutil
 import pytest
 
 from knet.checkpoint import load_checkpoint
+from tests.conftest import free_port
 from tests.test_train import ROOT, make_data, run_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,12 +37,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill(pids: list[int]) -> None:
@@ -94,7 +88,7 @@ class Hosts:
             print(message)
             warnings.warn(message, stacklevel=1)
             self.ip = {"head": "127.0.0.1", "worker": "127.0.0.1"}
-            self.ray_port, self.dashboard_port = _free_port(), _free_port()
+            self.ray_port, self.dashboard_port = free_port(), free_port()
         self._start_node("head")
         self._start_node("worker")
         self._wait_for_nodes(2)

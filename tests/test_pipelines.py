@@ -5,10 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, free_port, make_dvc_repo, venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny model and images for the flows (the data side lives in the repo's params.yaml).
@@ -32,25 +29,9 @@ FLOW_OVERRIDES = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def make_repo(tmp: Path) -> Path:
     """A DVC repository with the project's pipeline and a tiny synthetic dataset's params."""
-    repo = tmp / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "knet", repo / "knet", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["synth"].update(image_size=64, train_images=8, val_images=4)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, env=_env(), check=True)
-    return repo
+    return make_dvc_repo(tmp, image_size=64, train_images=8, val_images=4)
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +104,6 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_service_that_comes_up_late_is_retried(harness, tmp_path):
     """The tracking server answers only after the first attempt: the task retries, then passes."""
     import asyncio
@@ -139,7 +114,7 @@ def test_a_service_that_comes_up_late_is_retried(harness, tmp_path):
     from knet.config import load_config
     from pipelines import tasks
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(ROOT / "params.yaml", [f"tracking.uri=http://127.0.0.1:{port}"])
     servers = []
 
@@ -178,10 +153,10 @@ def test_deployments_on_a_real_server_run_through_a_process_worker(tmp_path):
     import signal
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
-        **_env(),
+        **venv_env(),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from knet.model import build_model
 from knet.predict import predict_image, segments_of
 from knet.registry import RegistryError, lineage, load_model_files, load_registered, promote
 from knet.train import train
+from tests.conftest import free_port, venv_env
 from tests.test_train import make_data, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +129,7 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(models, tmp_path):
             "--quiet",
         ],
         cwd=tmp_path,
-        env=_env(),
+        env=venv_env(),
         capture_output=True,
         text=True,
     )
@@ -155,7 +149,7 @@ np.save({str(out) + ".npy"!r}, result["segment_map"])
 json.dump(result["segments"], open({str(out) + ".json"!r}, "w"))
 """
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, env=venv_env(), timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -245,7 +239,7 @@ def test_racing_promotions_end_with_the_better_model(models, tmp_path):
                 f"registry.output={tmp_path / f'{name}.json'}",
             ],
             cwd=tmp_path,
-            env=_env(),
+            env=venv_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -260,17 +254,11 @@ def test_racing_promotions_end_with_the_better_model(models, tmp_path):
     assert champion.tags["validation_status"] == "passed"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
     data, paths = models
-    port = _free_port()
-    env = {**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    port = free_port()
+    env = {**venv_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
             "mlflow",
@@ -306,7 +294,7 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
         shown = subprocess.run(
             ["knet", "lineage", "models:/knet-panoptic@champion", "--tracking-uri", uri],
             cwd=tmp_path,
-            env=_env(),
+            env=venv_env(),
             capture_output=True,
             text=True,
         )
@@ -326,7 +314,7 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
                 "--quiet",
             ],
             cwd=tmp_path,
-            env=_env(),
+            env=venv_env(),
             capture_output=True,
             text=True,
         )

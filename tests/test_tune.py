@@ -244,7 +244,7 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
 
 def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
     from knet.train import TrainSetupError
-    from knet.tune import _sweep_state, source_digest
+    from knet.tune import _sweep_state, source_digest, sweep_digest
 
     cfg = sweep_config(data, tmp_path, "tune.name=mine", "tracking.enabled=false")
     sweep_dir = tmp_path / "tune" / "mine"
@@ -252,4 +252,4 @@ def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
     (sweep_dir / "knet_sweep.json").write_text(json.dumps({"digest": "0" * 12}))
     assert source_digest()
     with pytest.raises(TrainSetupError, match="tune.name=mine: the sweep in .* other params"):
-        _sweep_state(sweep_dir, "mine", cfg, tmp_path)
+        _sweep_state(sweep_dir, "mine", sweep_digest(cfg), cfg, tmp_path)
