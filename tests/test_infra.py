@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import configparser
 import copy
+import functools
 import json
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -22,6 +24,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -685,7 +688,7 @@ def test_mlflow_requirements_pin_the_projects_mlflow():
     assert f"mlflow[auth]=={pins['mlflow']}" in reqs
     assert {canonical(r.split("==")[0].split("[")[0]) for r in reqs} == {
         "mlflow",
-        "psycopg2-binary",
+        "psycopg",
         "boto3",
     }
     assert all("==" in r for r in reqs)
@@ -913,14 +916,21 @@ def http(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def server_env(tmp_path: Path, port: int, password: str | None) -> dict[str, str]:
+def server_env(
+    tmp_path: Path, port: int, password: str | None, databases: tuple[str, str] | None = None
+) -> dict[str, str]:
+    """start.sh's environment; ``databases`` = (runs, users) URIs, else sqlite files."""
+    store, users = databases or (
+        f"sqlite:///{tmp_path}/mlflow.db",
+        f"sqlite:///{tmp_path}/basic_auth.db",
+    )
     env = {
         "PATH": f"{BIN}{os.pathsep}{os.defpath}",
         "HOME": str(tmp_path),
         "TMPDIR": str(tmp_path),
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_BACKEND_STORE_URI": store,
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/basic_auth.db",
+        "MLFLOW_AUTH_DATABASE_URI": users,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
         "MLFLOW_HOST": "127.0.0.1",
         "MLFLOW_PORT": str(port),
@@ -961,12 +971,62 @@ def test_mlflow_server_refuses_a_first_start_without_admin_password(tmp_path):
     assert "MLFLOW_AUTH_ADMIN_PASSWORD" in text
 
 
+@pytest.fixture
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of the test's own on 127.0.0.1 with databases ``mlflow`` and
+    ``mlflow_auth``; yields its base URI. Skipped where PostgreSQL is not installed."""
+    tools = {name: shutil.which(name) for name in ("initdb", "postgres", "pg_isready", "createdb")}
+    if not all(tools.values()):
+        pytest.skip(f"PostgreSQL is not installed here ({tools})")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: use its own account
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = Path(tempfile.mkdtemp(prefix="knet-pg-"))  # short: the unix socket lives here
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=120, cwd=data)
+    run([*as_user, tools["initdb"], "-D", str(data), "-U", "postgres", "--auth=trust"])
+    server = subprocess.Popen(
+        [*as_user, tools["postgres"], "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=data,
+    )  # fmt: skip
+    try:
+        address = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+        deadline = time.monotonic() + 60
+        while subprocess.run([tools["pg_isready"], *address], capture_output=True).returncode:
+            assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.3)
+        for name in ("mlflow", "mlflow_auth"):
+            run([tools["createdb"], *address, name])
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_mlflow_server_with_basic_auth(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_mlflow_server_with_basic_auth(tmp_path, monkeypatch, request, backend):
+    """The team server as infra/mlflow/start.sh starts it: on sqlite, and on PostgreSQL (the
+    production backend: runs and the users database both there)."""
     from mlflow.tracking import MlflowClient
 
     from knet.tracking import check_tracking_uri
 
+    databases = None
+    if backend == "postgresql":
+        base = request.getfixturevalue("postgres")
+        databases = (f"{base}/mlflow", f"{base}/mlflow_auth")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     password = secrets.token_urlsafe(24)
@@ -974,7 +1034,7 @@ def test_mlflow_server_with_basic_auth(tmp_path, monkeypatch):
     out = log.open("w")
     proc = subprocess.Popen(
         ["bash", str(START_SH)],
-        env=server_env(tmp_path, port, password),
+        env=server_env(tmp_path, port, password, databases),
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
