@@ -250,9 +250,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     # Seconds to wait for the cluster to place the workers before failing with a message.
     placement_timeout_s: float = 120.0
-    # Further placement attempts (each waiting placement_timeout_s) before the run fails, e.g.
-    # a fixed group after a host is lost; -1 waits forever (an autoscaling cluster that will
-    # bring the nodes).
+    # Further placement attempts (each waiting placement_timeout_s), counted over the whole run,
+    # before it fails, e.g. a fixed group after a host is lost; -1 waits forever (an
+    # autoscaling cluster that brings GPU nodes on demand, which can take minutes).
     placement_retries: int = 2
     # The final checkpoint (the DVC stage's output, and evaluate.checkpoint's default).
     output: str = "outputs/train/model.pt"

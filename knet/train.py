@@ -198,8 +198,9 @@ def _hint(err: Exception, cfg: Config) -> str:
         return ""
     return (
         f"\nknet: the cluster could not place the worker group (train.num_workers="
-        f"{cfg.train.num_workers}) in {cfg.train.placement_retries + 1} attempts of "
-        f"train.placement_timeout_s={cfg.train.placement_timeout_s:g} s; a host may be gone. "
+        f"{cfg.train.num_workers}): train.placement_retries={cfg.train.placement_retries} "
+        f"further attempts of train.placement_timeout_s={cfg.train.placement_timeout_s:g} s "
+        f"(counted over the whole run) are used up; a host may be gone. "
         f"The checkpoints in {cfg.train.storage_path} are intact: rerun the same command once "
         f"the resources are back and it resumes from the latest one, or set train.min_workers "
         f"to go on with fewer workers (elastic)."
@@ -242,14 +243,14 @@ def connect(address: str | None, dashboard: bool = False) -> None:
         _check_reachable(address)
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
     # Ray Train V2 turns every print() of a worker into a log record and also tees it, so each
     # epoch line came twice and pycocotools' summary escaped redirect_stdout; plain prints.
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     try:
-        if address:
+        if address:  # a running cluster: its auth mode is the cluster's (RAY_AUTH_MODE, token)
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
             # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput. The
             # price is a "State API may be temporarily unavailable" warning from Ray Train's
             # placement-group cleaner; for the dashboard, start a head (README) and --address.
@@ -262,7 +263,9 @@ def connect(address: str | None, dashboard: bool = False) -> None:
                 log_to_driver=True,
                 runtime_env=runtime_env,
             )
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except ValueError as err:  # e.g. a job's runtime_env that clashes with knet's: not transient
+        raise TrainSetupError(f"cannot join the Ray cluster at {address!r}: {err}") from None
+    except (ConnectionError, RuntimeError) as err:
         raise ServiceUnreachableError(
             f"cannot connect to the Ray cluster at {address!r}: {err}"
         ) from None
@@ -290,7 +293,17 @@ def check_placement(cfg: Config) -> None:
 
     if cfg.train.placement_retries < 0:
         return
-    total = ray.cluster_resources()
+    total = dict(ray.cluster_resources())
+    # An autoscaling cluster (the launcher, KubeRay) can add nodes up to its config's maximum:
+    # check against that, as Ray Train itself does, not against the nodes up right now.
+    try:
+        from ray._private.state import state as ray_state
+
+        most = ray_state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API: without it, the nodes up now are the bound
+        most = {}
+    for key, value in most.items():
+        total[key] = max(total.get(key, 0), value)
     workers = cfg.train.min_workers or cfg.train.num_workers  # an elastic group may start small
     need_cpu = workers * cfg.train.cpus_per_worker
     need_gpu = workers if cfg.train.use_gpu else 0
@@ -311,9 +324,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    os.environ.setdefault(
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.train.placement_timeout_s))
-    )
+    # This run's value (a process may train several configs, e.g. a flow).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(int(cfg.train.placement_timeout_s))
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -383,6 +395,7 @@ def train_loop_per_worker(
     )
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader))
     state = ctx.restore(model, optimizer, scheduler)
+    resume_schedule(scheduler, state.get("epoch", 0), len(loader))
     ddp_model = ctx.prepare_model(model)
     criterion = KNetCriterion(cfg.loss, cfg.model.task, cats.num_things, cats.num_stuff)
     poisoned = _NaNAfter(criterion, loop_config.get("test_hooks", {}).get("nan_from_epoch"))
@@ -426,6 +439,17 @@ def train_loop_per_worker(
     timings["loop_s"] = time.perf_counter() - began
     summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
     return summary
+
+
+def resume_schedule(scheduler, epoch: int, iters_per_epoch: int) -> None:
+    """Put a restored schedule at the start of ``epoch`` for this worker group's iterations.
+
+    The schedule counts iterations, and an elastic group that changed size since the
+    checkpoint has another number of them per epoch: without this, its LR steps would come
+    late (fewer workers) or early (more).
+    """
+    if epoch:
+        scheduler.last_epoch = epoch * iters_per_epoch
 
 
 @dataclasses.dataclass
@@ -698,7 +722,8 @@ class _Context:
         """Rank 0 writes the checkpoint; every rank reports (it is a barrier in Ray)."""
         folder = self.local_dir / f"epoch-{state['epoch']}"
         if self.rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
+            self.local_dir.mkdir(mode=0o700, exist_ok=True)  # private, as mkdtemp made it
+            folder.mkdir(exist_ok=True)
             save_checkpoint(folder / CHECKPOINT_FILE, model, cfg, cats, **state)
             self.last_checkpoint = str(folder / CHECKPOINT_FILE)
         if not self.ray_worker:

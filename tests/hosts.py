@@ -108,6 +108,8 @@ class Hosts:
         return True
 
     def _remove_namespaces(self) -> None:
+        # A veth pair not yet moved into a namespace is still in this one.
+        subprocess.run(["ip", "link", "del", self.veth["head"]], capture_output=True)
         for name in self.ns.values():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
@@ -246,12 +248,14 @@ class Hosts:
         return found
 
     def stop(self) -> None:
-        _kill(self._pids("worker") + self._pids("head"))
+        # Until none is left: a daemon may have started another process meanwhile. (`ray start`
+        # records the head in its own --temp-dir, which goes below.)
+        for _ in range(5):
+            pids = self._pids("worker") + self._pids("head")
+            if not pids:
+                break
+            _kill(pids)
         if self.netns:
             self._remove_namespaces()  # the veth pair goes with them
         for folder in self.temp.values():
             shutil.rmtree(folder, ignore_errors=True)
-        # `ray start --head` records itself for `ray.init()`; forget this head, only this one.
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip() == self.address:
-            current.unlink()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -123,9 +124,22 @@ def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path, form):
     job_id = f"knet-test-{form}-{os.getpid()}"
     train = _train_cmd(data, tmp_path, "auto", "train.epochs=2", "train.num_workers=1")
     ship = []
+    marker = f"knet-shipped-copy-{os.getpid()}"
     if form == "working-dir":
+        # A copy of the checkout whose knet announces itself on import: the job's driver and
+        # its Train worker must run this code, not the knet installed in the venv.
+        copy = tmp_path / "checkout"
+        tracked = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for name in tracked:
+            if (ROOT / name).is_file():
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / name, copy / name)
+        with (copy / "knet" / "train.py").open("a") as module:
+            module.write(f"\nprint({marker!r}, flush=True)\n")
         train = ["python", "-m", "knet", *train[1:]]
-        ship = [f"--working-dir={ROOT}"]
+        ship = [f"--working-dir={copy}"]
     submit = [
         str(BIN / "ray"), "job", "submit", f"--address={two_hosts.dashboard_url}",
         f"--submission-id={job_id}", *ship,
@@ -137,6 +151,11 @@ def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path, form):
     ray_job = [f"--address={two_hosts.dashboard_url}", job_id]
     logs = two_hosts.run("head", [str(BIN / "ray"), "job", "logs", *ray_job])
     assert "epoch 1/2" in logs.stdout and "epoch 2/2" in logs.stdout, logs.stdout[-3000:]
+    if form == "working-dir":
+        worker_lines = [line for line in logs.stdout.splitlines() if "RayTrainWorker" in line]
+        assert any(marker in line for line in worker_lines), logs.stdout[-3000:]
+    else:
+        assert marker not in logs.stdout
     status = two_hosts.run("head", [str(BIN / "ray"), "job", "status", *ray_job])
     assert f"job {job_id!r} succeeded" in status.stdout.lower(), status.stdout
     assert load_checkpoint(tmp_path / "out" / "model.pt")["epoch"] == 2
@@ -155,10 +174,15 @@ def test_an_elastic_run_goes_on_without_the_lost_host(two_hosts, data, tmp_path)
         "train.run_name=elastic",
     )
     proc = two_hosts.popen(cmd, log)
-    at_cut = _wait_for_epoch(tmp_path / "ray" / "elastic", 2, proc, log)
-    cut_at = time.time()
-    two_hosts.cut()
-    rc = proc.wait(timeout=480)
+    try:
+        at_cut = _wait_for_epoch(tmp_path / "ray" / "elastic", 2, proc, log)
+        cut_at = time.time()
+        two_hosts.cut()
+        rc = proc.wait(timeout=480)
+    finally:  # never leave a driver holding the cluster for the next test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     output = log.read_text()
     assert rc == 0, output[-4000:]
     resumed = re.search(r"resuming after epoch (\d+)", output)
@@ -183,10 +207,15 @@ def test_a_cut_link_fails_clearly_and_keeps_the_checkpoint(two_hosts, data, tmp_
     )
     run_dir = tmp_path / "ray" / "fixed"
     proc = two_hosts.popen(cmd, log)
-    _wait_for_epoch(run_dir, 2, proc, log)
-    cut_at = time.time()
-    two_hosts.cut()
-    rc = proc.wait(timeout=480)
+    try:
+        _wait_for_epoch(run_dir, 2, proc, log)
+        cut_at = time.time()
+        two_hosts.cut()
+        rc = proc.wait(timeout=480)
+    finally:  # never leave a driver holding the cluster for the next test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     failed_after = time.time() - cut_at
     output = log.read_text()
     assert rc != 0, output[-4000:]

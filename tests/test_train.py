@@ -248,3 +248,30 @@ def test_an_elastic_group_is_checked_against_its_minimum(data, tmp_path, local_r
     )
     assert summary["epochs"] == 1 and 1 <= len(summary["worker_hosts"]) <= 2
     assert all(speed and speed > 0 for speed in summary["worker_images_per_s"])
+
+
+def test_a_resumed_schedule_follows_the_new_group_size():
+    import torch
+
+    from knet.optim import build_scheduler
+    from knet.train import resume_schedule
+
+    cfg = load_config(None, ["optim.lr_steps=[3]", "optim.warmup_iters=0"]).optim
+    param = torch.nn.Parameter(torch.zeros(1))
+    before = torch.optim.SGD([param], lr=1.0)
+    two_workers = build_scheduler(before, cfg, iters_per_epoch=4)
+    for _ in range(2 * 4):  # two epochs of 4 iterations
+        before.step()
+        two_workers.step()
+    # One worker left: 8 iterations per epoch from here, resumed after epoch 2.
+    after = torch.optim.SGD([param], lr=1.0)
+    one_worker = build_scheduler(after, cfg, iters_per_epoch=8)
+    one_worker.load_state_dict(two_workers.state_dict())
+    resume_schedule(one_worker, epoch=2, iters_per_epoch=8)
+    lrs = []
+    for _ in range(2 * 8):  # epochs 3 and 4
+        after.step()
+        one_worker.step()
+        lrs.append(after.param_groups[0]["lr"])
+    # The 10x step at epoch 3 (0-based) lands after exactly one epoch of the new size.
+    assert lrs[6] == pytest.approx(1.0) and lrs[7] == pytest.approx(0.1), lrs

@@ -1,0 +1,74 @@
+"""The benchmark harness measures what it says (tiny sizes; speed itself is never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import inference, maskrcnn
+from benchmarks.__main__ import markdown, ratios
+
+
+def _args() -> argparse.Namespace:
+    """benchmarks.inference's arguments for the tiny default at 64x64, batch 2, on the CPU."""
+    parser_args = {
+        "params": "params.yaml",
+        "overrides": [],
+        "size": [64, 64],
+        "batch": 2,
+        "num_things": 5,
+        "num_stuff": 3,
+        "warmup": 1,
+        "repeats": 1,
+        "channels_last": False,
+        "device": "cpu",
+    }
+    return argparse.Namespace(**parser_args)
+
+
+def test_inference_counts_flops_and_times_postprocessing():
+    row = inference.measure(_args())
+    assert row["input"] == [64, 64] and row["batch"] == 2 and row["dtype"] == "fp32"
+    assert row["gflops_per_image"] > 0 and row["forward_tflops_per_s"] > 0
+    assert row["postprocess_s_median"] > 0 and row["images_per_s_median"] > 0
+    # Twice the pixels, about twice the FLOPs: the count follows the input.
+    bigger = _args()
+    bigger.size = [64, 128]
+    ratio = inference.measure(bigger)["gflops_per_image"] / row["gflops_per_image"]
+    assert 1.6 < ratio < 2.4, ratio
+
+
+def test_the_peer_is_measured_or_reported_unavailable():
+    args = argparse.Namespace(
+        mode="inference", size=[64, 64], batch=1, warmup=0, repeats=1, device="cpu"
+    )
+    row = maskrcnn.measure(args)
+    try:
+        import torchvision.models.detection  # noqa: F401
+    except Exception:  # the CPU build here has no torchvision: said, not failed
+        assert row["available"] is False and row["reason"].startswith("torchvision:")
+    else:
+        assert row["available"] is True and row["images_per_s_median"] > 0
+
+
+def test_ratios_and_table_pair_knet_with_the_peer():
+    rows = [
+        {"section": "inference", "case": "K-Net R-50 panoptic, 8x8", "batch": 1,
+         "images_per_s_median": 3.0, "images_per_s_min": 2.0, "images_per_s_max": 4.0,
+         "gflops_per_image": 1.0, "forward_tflops_per_s": 0.05, "peak_mem_mib": 10.0},
+        {"section": "inference", "case": "Mask R-CNN R-50-FPN, 8x8", "batch": 1,
+         "available": True, "images_per_s_median": 2.0, "images_per_s_min": 1.0,
+         "images_per_s_max": 3.0, "peak_mem_mib": 20.0},
+        {"section": "training", "case": "K-Net R-50 panoptic, 8x8", "batch": 2,
+         "step_s_median": 1.0, "step_s_min": 0.5, "step_s_max": 2.0, "peak_mem_mib": 30.0},
+        {"section": "training", "case": "Mask R-CNN R-50-FPN, 8x8", "available": False,
+         "reason": "torchvision: missing"},
+    ]  # fmt: skip
+    found = ratios(rows)
+    assert found == [{"section": "inference", "batch": 1, "knet_over_maskrcnn": 1.5}]
+    header = {"device": "cpu", "torch": "x", "python": "3.11", "threads": 2,
+              "matmul_peak_tflops": 0.1, "peak_dtype": "float32 2048^3"}  # fmt: skip
+    table = markdown(header, rows, found)
+    assert "| inference | 1 | 1.50x |" in table
+    assert "| 50.0 |" in table  # 0.05 of a 0.1 TFLOP/s peak
+    assert "2.00 (1.00-4.00)" in table  # a training step of 1 s at batch 2, min-max inverted
+    assert "unavailable: torchvision: missing" in table
