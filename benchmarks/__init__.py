@@ -14,3 +14,30 @@ def run_measurement(args: list[str], case: str) -> dict[str, Any]:
     row = json.loads(out.stdout.strip().splitlines()[-1])
     row["case"] = case
     return row
+
+
+def peak_memory_mib(device) -> float:
+    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_case_args(parser, size: tuple[int, int] = (128, 128), knet: bool = True) -> None:
+    """The arguments every measurement takes (and, with ``knet``, those of a K-Net config)."""
+    import torch
+
+    if knet:
+        parser.add_argument("--params", default="params.yaml")
+        parser.add_argument("--set", dest="overrides", action="append", default=[])
+        parser.add_argument("--num-things", type=int, default=80)
+        parser.add_argument("--num-stuff", type=int, default=53)
+    parser.add_argument("--size", type=int, nargs=2, default=list(size), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

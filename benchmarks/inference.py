@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import add_case_args, peak_memory_mib
 from knet.config import load_config
 from knet.data.dataset import Batch
 from knet.engine import autocast, predict_batch
@@ -68,11 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
             runs.append(seconds)
     totals = [r["forward_s"] + r["postprocess_s"] for r in runs]
     forward = statistics.median(r["forward_s"] for r in runs)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    peak = peak_memory_mib(device)
     return {
         "params": args.params,
         "task": cfg.model.task,
@@ -99,16 +95,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--num-things", type=int, default=80)
-    parser.add_argument("--num-stuff", type=int, default=53)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_case_args(parser)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(measure(parser.parse_args(argv))))
     return 0
 

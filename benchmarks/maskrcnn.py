@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
 import torch
+
+from benchmarks import add_case_args, peak_memory_mib
 
 
 def _targets(batch: int, height: int, width: int, device: torch.device, gen: torch.Generator):
@@ -90,11 +91,7 @@ def measure(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    peak = peak_memory_mib(device)
     return {
         "available": True,
         "model": "torchvision maskrcnn_resnet50_fpn",
@@ -117,11 +114,7 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["inference", "training"], default="inference")
-    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_case_args(parser, size=(800, 1333), knet=False)
     print(json.dumps(measure(parser.parse_args(argv))))
     return 0
 

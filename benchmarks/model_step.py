@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from benchmarks import add_case_args, peak_memory_mib
 from knet.config import load_config
 from knet.losses import KNetCriterion
 from knet.model import build_model
@@ -97,11 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    peak = peak_memory_mib(device)
     return {
         "params": args.params,
         "task": task,
@@ -123,15 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--num-things", type=int, default=80)
-    parser.add_argument("--num-stuff", type=int, default=53)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_case_args(parser)
     print(json.dumps(measure(parser.parse_args(argv))))
     return 0
 
