@@ -41,3 +41,23 @@ def add_case_args(parser, size: tuple[int, int] = (128, 128), knet: bool = True)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def timed(step, device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step()`` after ``warmup`` untimed ones
+    (synchronised on CUDA, so the time is the device's)."""
+    import time
+
+    import torch
+
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times

@@ -15,11 +15,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks import add_case_args, peak_memory_mib
+from benchmarks import add_case_args, peak_memory_mib, timed
 
 
 def _targets(batch: int, height: int, width: int, device: torch.device, gen: torch.Generator):
@@ -64,7 +63,6 @@ def measure(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, height, width, generator=gen).to(device) for _ in range(args.batch)]
     amp = device.type == "cuda"
-    times = []
     if args.mode == "inference":
         model.eval()
     else:
@@ -73,24 +71,19 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if args.mode == "inference":
                 with torch.no_grad():
                     model(images)
-            else:
-                losses = model(images, targets)
-        if args.mode == "training":
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+                return
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    times = timed(step, device, args.warmup, args.repeats)
     peak = peak_memory_mib(device)
     return {
         "available": True,

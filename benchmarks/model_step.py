@@ -13,11 +13,10 @@ import json
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks import add_case_args, peak_memory_mib
+from benchmarks import add_case_args, peak_memory_mib, timed
 from knet.config import load_config
 from knet.losses import KNetCriterion
 from knet.model import build_model
@@ -86,18 +85,13 @@ def measure(args: argparse.Namespace) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         model.zero_grad(set_to_none=True)
         losses = criterion(model(images), targets)
         sum(losses.values()).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+
+    times = timed(step, device, args.warmup, args.repeats)
     peak = peak_memory_mib(device)
     return {
         "params": args.params,

@@ -102,6 +102,21 @@ def _wait_for_epoch(run_dir: Path, epoch: int, proc: subprocess.Popen, log: Path
     return found[0]
 
 
+def _cut_mid_run(hosts, cmd: list[str], run_dir: Path, log: Path) -> tuple[int, int, float]:
+    """Start ``cmd`` on the head, cut the worker host's link once epoch 2 is registered, and
+    wait for the run: (exit code, registered epoch at the cut, time of the cut)."""
+    proc = hosts.popen(cmd, log)
+    try:
+        at_cut = _wait_for_epoch(run_dir, 2, proc, log)
+        cut_at = time.time()
+        hosts.cut()
+        return proc.wait(timeout=480), at_cut, cut_at
+    finally:  # never leave a driver holding the cluster for the next test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_knet_train_runs_on_both_hosts(two_hosts, data, tmp_path):
     start = time.time()
     cmd = _train_cmd(data, tmp_path, two_hosts.address, "train.epochs=2", "train.eval_every=1")
@@ -173,16 +188,7 @@ def test_an_elastic_run_goes_on_without_the_lost_host(two_hosts, data, tmp_path)
         "train.placement_timeout_s=15",
         "train.run_name=elastic",
     )
-    proc = two_hosts.popen(cmd, log)
-    try:
-        at_cut = _wait_for_epoch(tmp_path / "ray" / "elastic", 2, proc, log)
-        cut_at = time.time()
-        two_hosts.cut()
-        rc = proc.wait(timeout=480)
-    finally:  # never leave a driver holding the cluster for the next test
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    rc, at_cut, cut_at = _cut_mid_run(two_hosts, cmd, tmp_path / "ray" / "elastic", log)
     output = log.read_text()
     assert rc == 0, output[-4000:]
     resumed = re.search(r"resuming after epoch (\d+)", output)
@@ -206,16 +212,7 @@ def test_a_cut_link_fails_clearly_and_keeps_the_checkpoint(two_hosts, data, tmp_
         "train.run_name=fixed",
     )
     run_dir = tmp_path / "ray" / "fixed"
-    proc = two_hosts.popen(cmd, log)
-    try:
-        _wait_for_epoch(run_dir, 2, proc, log)
-        cut_at = time.time()
-        two_hosts.cut()
-        rc = proc.wait(timeout=480)
-    finally:  # never leave a driver holding the cluster for the next test
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    rc, _, cut_at = _cut_mid_run(two_hosts, cmd, run_dir, log)
     failed_after = time.time() - cut_at
     output = log.read_text()
     assert rc != 0, output[-4000:]
