@@ -3,11 +3,18 @@
 Every case runs in its own process (so its peak memory is its own), with warm-up and timed
 repetitions (median, min-max):
 
-- training: one step (forward, the full loss with matching, backward) at batch 2 per device;
+- training: one step (forward, the full loss with matching, backward, AdamW) at batch 2 per
+  device, with its host synchronisations (ops that would stall the host on CUDA, and the
+  matcher's cost transfers);
+- fast path: the R-50 step again with channels-last, and with ``torch.compile`` of backbone +
+  neck (on CUDA, or ``--compile-cases``), each as a gain over the plain step;
 - inference: forward + the task's post-processing at batch 1 and 16, FLOPs per image
   (``torch.utils.flop_counter``) and the forward pass's fraction of the measured matmul peak;
 - the peer, torchvision's Mask R-CNN R-50-FPN at the same input size and batch, where
-  torchvision can be imported (else the table says it is unavailable), and the ratios.
+  torchvision can be imported (else the table says it is unavailable), and the ratios;
+- systems (``benchmarks.systems``, in a scratch copy of the project): the plain engine loop vs
+  Ray Train with 1 worker, ``dvc repro`` when nothing changed, and the train-knet flow's
+  (``make pipeline``) stage breakdown.
 
 The tiny default runs at 128x128. The R-50 preset runs at 800x1333 on a GPU; on a CPU at
 ``--size`` (default 384x640, so a 2-core machine finishes in minutes). Results go to
@@ -33,8 +40,15 @@ TINY = ["--params", "params.yaml", "--num-things", "5", "--num-stuff", "3"]
 R50 = ["--params", "configs/coco-panoptic-r50.yaml"]
 
 
-def cases(size: list[str], repeats: int) -> list[tuple[str, str, list[str]]]:
-    """(section, name, module arguments) of every measurement."""
+def cases(
+    size: list[str], repeats: int, compile_cases: bool = False
+) -> list[tuple[str, str, list[str]]]:
+    """(section, name, module arguments) of every measurement.
+
+    The ``fast path`` section repeats the R-50 training step with one optimisation each
+    (channels-last; ``torch.compile`` of backbone + neck where ``compile_cases``), for the
+    gain over the plain ``training`` row.
+    """
     tiny = [*TINY, "--size", "128", "128", "--repeats", str(repeats * 3)]
     r50 = [*R50, "--size", *size, "--repeats", str(repeats)]
     shape = "x".join(size)
@@ -49,6 +63,16 @@ def cases(size: list[str], repeats: int) -> list[tuple[str, str, list[str]]]:
             "training",
             peer_name,
             ["benchmarks.maskrcnn", "--mode", "training", *peer, "--batch", "2"],
+        ),
+        (
+            "fast path",
+            f"{knet_r50}, channels-last",
+            [step, *r50, "--batch", "2", "--channels-last"],
+        ),
+        *(
+            [("fast path", f"{knet_r50}, compiled", [step, *r50, "--batch", "2", "--compile"])]
+            if compile_cases
+            else []
         ),
         ("inference", knet_tiny, [infer, *tiny, "--batch", "1"]),
         ("inference", knet_tiny, [infer, *tiny, "--batch", "16"]),
@@ -95,19 +119,56 @@ def ratios(rows: list[dict]) -> list[dict]:
     return found
 
 
-def markdown(header: dict, rows: list[dict], found: list[dict]) -> str:
+def fast_path_gains(rows: list[dict]) -> list[tuple[str, float]]:
+    """Each ``fast path`` row's training images/s over the plain K-Net R-50 training row."""
+    base = [r for r in rows if r["section"] == "training" and "K-Net R-50" in r["case"]]
+    if not base:
+        return []
+    return [
+        (r["case"].rsplit(", ", 1)[-1], _speed(r) / _speed(base[0]))
+        for r in rows
+        if r["section"] == "fast path"
+    ]
+
+
+def systems_markdown(sys_row: dict) -> list[str]:
+    """The costs around the model (``benchmarks.systems``) as a two-column table."""
+    plain, ray = sys_row["plain_loop"], sys_row["ray_train_1_worker"]
+    data = f"{sys_row['train_images']} + {sys_row['val_images']} synthetic images"
+    lines = [
+        "",
+        f"| around the model ({data}) | value |",
+        "|---|---:|",
+        f"| plain engine loop, train images/s (wall s, {plain['epochs']} epochs) "
+        f"| {plain['images_per_s']:.1f} ({plain['wall_s']:.0f} s) |",
+        f"| Ray Train 1 worker, train images/s (wall s) "
+        f"| {ray['images_per_s']:.1f} ({ray['wall_s']:.0f} s) |",
+        f"| Ray Train 1 worker / plain loop | {sys_row['ray_over_plain']:.2f}x |",
+        f"| `dvc repro prepare`, cold (synth + prepare) "
+        f"| {sys_row['dvc_repro_prepare_cold_s']} s |",
+        f"| `dvc repro prepare`, nothing changed | {sys_row['dvc_repro_noop_s']} s |",
+        f"| train-knet flow ({sys_row['flow_epochs']} epochs), wall | {sys_row['flow_wall_s']} s |",
+    ]
+    lines += [f"| flow stage: {k} | {v} s |" for k, v in sys_row["flow_stage_s"].items()]
+    return lines
+
+
+def markdown(header: dict, rows: list[dict], found: list[dict], sys_row: dict | None = None) -> str:
     peak = header["matmul_peak_tflops"]
     lines = [
         f"device {header['device']}, torch {header['torch']}, {header['threads']} threads, "
         f"Python {header['python']}; measured matmul peak {peak:.2f} TFLOP/s "
         f"({header['peak_dtype']}); median (min-max) of the timed repetitions",
         "",
-        "| section | case | batch | dtype | images/s | GFLOPs/img | % of peak | peak MiB |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| section | case | batch | dtype | images/s | GFLOPs/img | % of peak | peak MiB "
+        "| host syncs / step |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if not r.get("available", True):
-            lines.append(f"| {r['section']} | {r['case']} | | | unavailable: {r['reason']} | | | |")
+            lines.append(
+                f"| {r['section']} | {r['case']} | | | unavailable: {r['reason']} | | | | |"
+            )
             continue
         if "images_per_s_median" in r:
             speed = (
@@ -124,15 +185,24 @@ def markdown(header: dict, rows: list[dict], found: list[dict]) -> str:
             f"{100 * r['forward_tflops_per_s'] / peak:.1f}" if "forward_tflops_per_s" in r else ""
         )
         dtype = r.get("dtype", "fp32" if r.get("device") == "cpu" else "bf16 autocast")
+        syncs = ""
+        if "host_syncs_per_step" in r:
+            syncs = f"{r['host_syncs_per_step']} + {r['matcher_transfers_per_step']} cost transfer"
         lines.append(
             f"| {r['section']} | {r['case']} | {r['batch']} | {dtype} | {speed} | {gflops} "
-            f"| {share} | {r['peak_mem_mib']:.0f} |"
+            f"| {share} | {r['peak_mem_mib']:.0f} | {syncs} |"
         )
+    gains = fast_path_gains(rows)
+    if gains:
+        lines += ["", "| optimisation (R-50 training step) | images/s over the plain row |"]
+        lines += ["|---|---:|"] + [f"| {name} | {gain:.2f}x |" for name, gain in gains]
     if found:
         lines += ["", "| K-Net R-50 / Mask R-CNN | batch | images/s ratio |", "|---|---:|---:|"]
         lines += [
             f"| {f['section']} | {f['batch']} | {f['knet_over_maskrcnn']:.2f}x |" for f in found
         ]
+    if sys_row:
+        lines += systems_markdown(sys_row)
     return "\n".join(lines) + "\n"
 
 
@@ -152,12 +222,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the R-50 and Mask R-CNN input (default: 800x1333 on CUDA, 384x640 on CPU)",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10 if gpu else 3)
-    parser.add_argument("--only", choices=["training", "inference"], help="one section")
+    parser.add_argument(
+        "--only", choices=["training", "inference", "fast path", "systems"], help="one section"
+    )
+    parser.add_argument(
+        "--compile-cases", action=argparse.BooleanOptionalAction, default=gpu,
+        help="measure train.compile too (default on CUDA; a CPU compile of R-50 takes minutes)",
+    )  # fmt: skip
+    parser.add_argument("--skip-systems", action="store_true", help="no plain/Ray/DVC/flow rows")
     args = parser.parse_args(argv)
     peak = run_measurement(["-m", "benchmarks.peak"], "matmul peak")
     rows = []
-    for section, name, module_args in cases(args.size, args.repeats):
-        if args.only and section != args.only:
+    for section, name, module_args in cases(args.size, args.repeats, args.compile_cases):
+        if (
+            args.only
+            and section != args.only
+            and not (args.only == "fast path" and section == "training" and "K-Net R-50" in name)
+        ):
             continue
         print(f"{section}: {name} {' '.join(module_args[1:])}", file=sys.stderr, flush=True)
         row = run_measurement(["-m", *module_args], name)
@@ -171,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         "peak_dtype": f"{peak['dtype']} {peak['size']}^3",
         "r50_input": [int(v) for v in args.size],
     }
+    sys_row = None
+    if not args.skip_systems and args.only in (None, "systems"):
+        print("systems: plain vs Ray Train, dvc repro, the flow", file=sys.stderr, flush=True)
+        sys_row = run_measurement(["-m", "benchmarks.systems"], "systems")
     found = ratios(rows)
-    text = markdown(header, rows, found)
-    _write(Path(args.out), json.dumps({"header": header, "rows": rows, "ratios": found}, indent=2))
+    text = markdown(header, rows, found, sys_row)
+    report = {"header": header, "rows": rows, "ratios": found, "systems": sys_row}
+    _write(Path(args.out), json.dumps(report, indent=2))
     _write(Path(args.out).with_suffix(".md"), text)
     print(text)
     return 0

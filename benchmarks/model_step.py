@@ -1,9 +1,11 @@
-"""One training step (forward + full loss with matching + backward) of one config, measured.
+"""One training step (forward + full loss with matching + backward + AdamW) of one config.
 
 Run alone: ``python -m benchmarks.model_step --params configs/coco-panoptic-r50.yaml
 --size 800 1333 --batch 1``. Prints one JSON line: median / min / max seconds per step over the
-timed repetitions after warm-up, and the process's peak resident memory (CPU) or peak CUDA
-memory. Run each config in its own process (``python -m benchmarks`` does) so peaks are its own.
+timed repetitions after warm-up, the process's peak resident memory (CPU) or peak CUDA memory,
+and the step's host synchronisations (ops that would stall the host on CUDA, counted by
+:class:`knet.syncs.HostSyncCounter`, and the matcher's cost transfers). Run each config in its
+own process (``python -m benchmarks`` does) so peaks are its own.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ import sys
 
 import torch
 
+import knet.matcher
 from benchmarks import add_case_args, peak_memory_mib, timed
 from knet.config import load_config
+from knet.data.dataset import Batch
+from knet.engine import accelerate, train_step
 from knet.losses import KNetCriterion
 from knet.model import build_model
+from knet.optim import build_optimizer
 from knet.structures import Targets, downsample_masks
+from knet.syncs import HostSyncCounter
 
 
 def random_targets(
@@ -70,29 +77,36 @@ def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     task = cfg.model.task
     model = build_model(cfg.model, args.num_things, args.num_stuff).to(device).train()
+    if args.channels_last:  # directly, so a CPU can measure it too (training: CUDA only)
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        accelerate(model, device, channels_last=False, compile=True)
     criterion = KNetCriterion(cfg.loss, task, args.num_things, args.num_stuff)
+    optimizer = build_optimizer(model, cfg.optim)
     divisor = cfg.data.size_divisor
     height = -(-args.size[0] // divisor) * divisor
     width = -(-args.size[1] // divisor) * divisor
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, height, width, generator=gen).to(device)
-    targets = [
-        t.to(device)
-        for t in random_targets(
-            args.batch, height, width, 10, min(5, args.num_stuff), args.num_things, task, gen
-        )
-    ]
+    images = torch.randn(args.batch, 3, height, width, generator=gen)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = random_targets(
+        args.batch, height, width, 10, min(5, args.num_stuff), args.num_things, task, gen
+    )
+    size = [(height, width)] * args.batch
+    batch = Batch(images, targets, size, size, list(range(args.batch)), list(range(args.batch)))
+    batch = batch.to(device)
+    amp = cfg.train.amp and device.type == "cuda"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        losses = criterion(model(images), targets)
-        sum(losses.values()).backward()
+    def step() -> None:  # the training loop's own step: forward, loss + matching, AdamW
+        train_step(model, criterion, batch, optimizer, cfg.optim, amp)
 
     times = timed(step, device, args.warmup, args.repeats)
     peak = peak_memory_mib(device)
+    syncs, transfers = count_syncs(step)
     return {
         "params": args.params,
         "task": task,
@@ -100,6 +114,9 @@ def measure(args: argparse.Namespace) -> dict:
         "input": [height, width],
         "batch": args.batch,
         "device": str(device),
+        "dtype": "bf16 autocast" if amp else "fp32",
+        "channels_last": args.channels_last,
+        "compile": args.compile,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "step_s_median": statistics.median(times),
@@ -109,12 +126,34 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_mem_mib": round(peak, 1),
         "mem_before_step_mib": round(rss_before, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "host_syncs_per_step": syncs,
+        "matcher_transfers_per_step": transfers,
     }
+
+
+def count_syncs(step) -> tuple[int, int]:
+    """Ops of one step that would stall the host on CUDA, and the matcher's cost transfers."""
+    transfers = []
+    original = knet.matcher.to_host
+
+    def counted(tensor):
+        transfers.append(1)
+        return original(tensor)
+
+    knet.matcher.to_host = counted
+    try:
+        with HostSyncCounter() as syncs:
+            step()
+    finally:
+        knet.matcher.to_host = original
+    return syncs.total, len(transfers)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(parser)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile backbone + neck")
     print(json.dumps(measure(parser.parse_args(argv))))
     return 0
 

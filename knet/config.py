@@ -228,6 +228,13 @@ class TrainConfig:
     seed: int = 0
     # bf16 autocast on CUDA; ignored on CPU.
     amp: bool = True
+    # Channels-last memory format for the model and its input images on CUDA (tensor-core
+    # convolutions without layout transposes); ignored on CPU.
+    channels_last: bool = True
+    # torch.compile the backbone, FPN and fuser (the fixed-shape part; the kernel heads and the
+    # criterion stay eager). Module.compile keeps the parameter names, so checkpoints are the
+    # same either way. Costs a compile on the first steps (about a minute).
+    compile: bool = False
     # Ray Train workers (data-parallel processes); 0 runs the loop in the driver process.
     num_workers: int = 1
     # Elastic training: with 1 <= min_workers < num_workers, a run that loses a host restarts

@@ -6,6 +6,7 @@ The plain loop, the Ray Train loop and the evaluation command share every line o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ from knet.config import OptimConfig, PostprocessConfig
 from knet.data.dataset import Batch
 from knet.losses import KNetCriterion
 from knet.model import KNetOutput
-from knet.optim import clip_gradients
+from knet.optim import clip_gradients, step_unless_nonfinite
 from knet.postprocess import postprocess
 
 
@@ -29,6 +30,22 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def accelerate(model: nn.Module, device: torch.device, channels_last: bool, compile: bool) -> bool:
+    """Apply ``train.channels_last`` (CUDA only) and ``train.compile`` to a K-Net in place.
+
+    Compiles the backbone, FPN and fuser with ``Module.compile`` (their parameter names stay,
+    so checkpoints and DDP are unaffected). Returns whether the input images should be
+    channels-last too.
+    """
+    channels_last = channels_last and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        for name in ("backbone", "fpn", "fuser"):
+            getattr(model, name).compile()
+    return channels_last
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,10 +59,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     optim_cfg: OptimConfig,
     amp: bool = True,
-) -> dict[str, torch.Tensor] | None:
-    """One optimisation step; the detached loss terms and ``loss``, or None when skipped.
+) -> dict[str, torch.Tensor]:
+    """One optimisation step; the detached loss terms, ``loss`` and ``skipped``.
 
-    A step whose loss is NaN/inf updates nothing (one host sync; the matcher syncs anyway).
+    A step whose gradients are NaN/inf (a NaN loss, an overflow) updates nothing; ``skipped``
+    (a 0-dim float tensor) is 1 for it. The decision stays on the device (the fused AdamW's
+    ``found_inf``), so the step's only host sync is the matcher's cost transfer. The gradient
+    norm is all-reduced under DDP, so every rank skips the same steps.
     """
     device = batch.images.device
     with autocast(device, amp):
@@ -53,12 +73,46 @@ def train_step(
     losses = criterion(outputs, batch.targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(loss)):
-        return None
     loss.backward()
-    clip_gradients(model, optim_cfg)
-    optimizer.step()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+    norm = clip_gradients(model, optim_cfg)
+    skipped = (~torch.isfinite(norm)).float()
+    step_unless_nonfinite(optimizer, skipped)
+    return {
+        "loss": loss.detach(),
+        **{k: v.detach() for k, v in losses.items()},
+        "skipped": skipped,
+    }
+
+
+class LaggedCount:
+    """Sums 0-dim device flags without waiting for them.
+
+    On CUDA each flag is copied to pinned host memory behind an event and added once the GPU
+    has got there (:meth:`settled` never blocks unless asked to), so counting skipped steps
+    costs the training loop no sync; on a CPU the flag is added at once.
+    """
+
+    def __init__(self, device: torch.device, start: int = 0) -> None:
+        self.device, self.total = device, start
+        self.pending: collections.deque = collections.deque()
+
+    def add(self, flag: torch.Tensor) -> None:
+        if self.device.type != "cuda":
+            self.total += int(flag)
+            return
+        host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, host))
+
+    def settled(self, wait: bool = False) -> int:
+        """The flags the GPU has finished (all of them with ``wait``) and everything before."""
+        while self.pending and (wait or self.pending[0][0].query()):
+            event, host = self.pending.popleft()
+            event.synchronize()
+            self.total += int(host)
+        return self.total
 
 
 def train_one_epoch(
@@ -74,43 +128,56 @@ def train_one_epoch(
     max_bad_steps: int | None = None,
     bad_steps: int = 0,
     on_step: Callable[[int], None] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``: mean loss terms, images, images/s and ``bad_steps``.
 
-    ``bad_steps`` counts NaN/inf steps so far (over the run); past ``max_bad_steps`` the epoch
-    stops with :class:`NonFiniteLossError`. ``on_step(step)`` is called before each step.
+    ``bad_steps`` counts NaN/inf steps so far (over the run), read without stalling the GPU
+    (:class:`LaggedCount`, so on CUDA a step or two late); past ``max_bad_steps`` the epoch
+    stops with :class:`NonFiniteLossError`. Skipped steps are left out of the mean losses.
+    ``on_step(step)`` is called before each step; ``channels_last`` converts the images.
     """
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    steps = images = 0
+    good = torch.zeros((), device=device)
+    bad = LaggedCount(device, bad_steps)
+    images = 0
     start = time.perf_counter()
+
+    def check(total: int) -> None:
+        if max_bad_steps is not None and total > max_bad_steps:
+            raise NonFiniteLossError(
+                f"{total} steps had a NaN/inf loss (train.max_bad_steps="
+                f"{max_bad_steps}); stopping. The last good checkpoint is kept."
+            )
+
     for step, batch in enumerate(
         tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False, mininterval=2.0)
     ):
         if on_step is not None:
             on_step(step)
         batch = batch.to(device, non_blocking=True)
+        if channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         losses = train_step(model, criterion, batch, optimizer, optim_cfg, amp)
-        if losses is None:
-            bad_steps += 1
-            if max_bad_steps is not None and bad_steps > max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{bad_steps} steps had a NaN/inf loss (train.max_bad_steps="
-                    f"{max_bad_steps}); stopping. The last good checkpoint is kept."
-                )
-            continue
+        skipped = losses.pop("skipped")
+        kept = skipped == 0
         for name, value in losses.items():
-            sums[name] += value
+            sums[name] += torch.where(kept, value, 0.0)
+        good += 1 - skipped
+        bad.add(skipped)
+        check(bad.settled())
         if scheduler is not None:
             scheduler.step()
-        steps += 1
         images += len(batch)
+    check(bad.settled(wait=True))
     seconds = time.perf_counter() - start
-    means = {name: float(total) / max(steps, 1) for name, total in sums.items()}  # one sync
+    steps = max(float(good), 1.0)  # one sync per epoch
+    means = {name: float(total) / steps for name, total in sums.items()}
     return {
         **means,
         "images": images,
-        "bad_steps": bad_steps,
+        "bad_steps": bad.total,
         "images_per_s": images / seconds if seconds else 0.0,
     }
 
@@ -133,6 +200,7 @@ def predict_batch(
     num_stuff_classes: int,
     cfg: PostprocessConfig,
     amp: bool = True,
+    channels_last: bool = False,
 ) -> tuple[KNetOutput, list[dict[str, object]], dict[str, float]]:
     """Forward + post-processing of one batch for each of ``tasks``.
 
@@ -141,8 +209,11 @@ def predict_batch(
     """
     device = batch.images.device
     start = time.perf_counter()
+    images = batch.images
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
-        outputs = model(batch.images)
+        outputs = model(images)
     _sync(device)
     forward = time.perf_counter()
     per_image: list[dict[str, object]] = [{} for _ in range(len(batch))]
@@ -175,6 +246,7 @@ def run_inference(
     progress: bool = False,
     on_outputs: Callable[[Batch, KNetOutput], None] | None = None,
     timings: dict[str, float] | None = None,
+    channels_last: bool = False,
 ) -> Iterator[Prediction]:
     """Yield a :class:`Prediction` per image; ``timings`` accumulates forward/post seconds."""
     model.eval()
@@ -182,7 +254,7 @@ def run_inference(
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device, non_blocking=True)
         outputs, per_image, seconds = predict_batch(
-            model, batch, tasks, num_thing_classes, num_stuff_classes, cfg, amp
+            model, batch, tasks, num_thing_classes, num_stuff_classes, cfg, amp, channels_last
         )
         if timings is not None:
             for key, value in seconds.items():

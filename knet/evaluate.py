@@ -196,6 +196,7 @@ def accumulate_metrics(
         progress=progress,
         on_outputs=kernel_view.add if kernel_view else None,
         timings=timings,
+        channels_last=cfg.train.channels_last and device.type == "cuda",
     )
     for pred in predictions:
         gt = dataset.ground_truth(pred.index)

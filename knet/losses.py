@@ -6,6 +6,9 @@ M positive kernels in the batch, h, w the stride-4 size, P = h * w, H, W the lab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,6 +18,7 @@ from knet.config import LossConfig
 from knet.matcher import HungarianMatcher
 from knet.model import KNetOutput
 from knet.structures import IGNORE_LABEL, Targets
+from knet.syncs import to_device
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -85,13 +89,17 @@ class KNetCriterion:
 
     def __call__(self, outputs: KNetOutput, targets: list[Targets]) -> dict[str, Tensor]:
         device = outputs.stages[0].mask_logits.device
+        # Labels on the host (the loader's CPU copy) plan every index without a device read.
+        host_labels = [t.host_labels().numpy() for t in targets]
         targets = [t.to(device) for t in targets]  # no-op when the loader already moved them
-        self._check_targets(outputs, targets)
+        self._check_targets(outputs, targets, host_labels)
         if self.task == "semantic":
             return self.semantic_losses(outputs, targets)
-        return self.kernel_losses(outputs, targets)
+        return self.kernel_losses(outputs, targets, host_labels)
 
-    def _check_targets(self, outputs: KNetOutput, targets: list[Targets]) -> None:
+    def _check_targets(
+        self, outputs: KNetOutput, targets: list[Targets], host_labels: list[np.ndarray]
+    ) -> None:
         """Fail with the image index instead of an opaque indexing error deep in a loss."""
         batch = outputs.stages[0].mask_logits.shape[0]
         if len(targets) != batch:
@@ -100,16 +108,13 @@ class KNetCriterion:
             return
         num_classes = self.num_thing_classes + self.num_stuff_classes
         size = tuple(2 * v for v in outputs.stages[0].mask_logits.shape[-2:])
-        labels = torch.cat([t.labels for t in targets])
-        if len(labels) and not bool(((labels >= 0) & (labels < num_classes)).all()):  # one sync
-            for b, t in enumerate(targets):
-                bad = t.labels[(t.labels < 0) | (t.labels >= num_classes)]
-                if len(bad):
-                    raise ValueError(
-                        f"image {b} of the batch has label {int(bad[0])} outside the "
-                        f"{num_classes} {self.task} training ids [0, {num_classes})"
-                    )
-        for b, t in enumerate(targets):
+        for b, (t, labels) in enumerate(zip(targets, host_labels, strict=True)):
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            if len(bad):
+                raise ValueError(
+                    f"image {b} of the batch has label {int(bad[0])} outside the "
+                    f"{num_classes} {self.task} training ids [0, {num_classes})"
+                )
             if len(t.labels) != len(t.masks) or tuple(t.masks.shape[-2:]) != size:
                 raise ValueError(
                     f"image {b} of the batch has masks {tuple(t.masks.shape)} for "
@@ -118,65 +123,104 @@ class KNetCriterion:
 
     # ---------------------------------------------------------------- instance / panoptic
 
-    def kernel_losses(self, outputs: KNetOutput, targets: list[Targets]) -> dict[str, Tensor]:
-        """Stage-0 losses, then per update round focal + BCE + dice (+ rank for panoptic)."""
-        things = [t.labels < self.num_thing_classes for t in targets]
-        thing_masks = [t.masks[keep] for t, keep in zip(targets, things, strict=True)]
-        thing_labels = [t.labels[keep] for t, keep in zip(targets, things, strict=True)]
-        stuff = self._stuff_targets(targets, things)
-        num_thing_kernels = outputs.stages[0].mask_logits.shape[1]
-        num_pos = sum(min(num_thing_kernels, len(lab)) for lab in thing_labels)
-        num_pos += int(stuff[1].sum()) if stuff is not None else 0
+    def kernel_losses(
+        self, outputs: KNetOutput, targets: list[Targets], host_labels: list[np.ndarray]
+    ) -> dict[str, Tensor]:
+        """Stage-0 losses, then per update round focal + BCE + dice (+ rank for panoptic).
+
+        Round ``s`` is matched with round ``s - 1``'s predictions (stage 0 with its own), all
+        known after the forward pass, so every round is matched at once: one host transfer.
+        """
         device = outputs.stages[0].mask_logits.device
-        avg_factor = global_mean(torch.tensor(float(num_pos), device=device)).clamp(min=1.0)
+        num_thing_kernels = outputs.stages[0].mask_logits.shape[1]
+        layout = self.layout(host_labels, num_thing_kernels, device)
+        pairs = list(zip(targets, layout.things, strict=True))
+        thing_masks = [t.masks.index_select(0, i) for t, i in pairs]
+        thing_labels = [t.labels.index_select(0, i) for t, i in pairs]
+        stuff = self._stuff_targets(targets, layout)
+        # torch.full, not torch.tensor: a Python number copied to the GPU would sync.
+        num_pos = torch.full((), float(layout.num_pos), device=device)
+        avg_factor = global_mean(num_pos).clamp(min=1.0)
+
+        masks = [upsample2x(stage.mask_logits) for stage in outputs.stages]  # (B, N[+S], h, w)
+        rounds = [(masks[0].detach(), None)]
+        for s in range(1, len(outputs.stages)):
+            prev_cls = outputs.stages[s - 1].cls_logits
+            if prev_cls is not None:
+                prev_cls = prev_cls[:, :num_thing_kernels, : self.num_thing_classes].detach()
+            rounds.append((masks[s - 1][:, :num_thing_kernels].detach(), prev_cls))
+        matches = _matches_to(device, self.matcher.match_rounds(rounds, thing_masks, thing_labels))
 
         losses: dict[str, Tensor] = {}
-        masks0 = upsample2x(outputs.stages[0].mask_logits)  # (B, N, h, w)
-        matches = self.matcher(masks0.detach(), None, thing_masks, thing_labels)
-        self._stage0_losses(losses, masks0, outputs.semantic_logits, matches, targets, things)
-        prev_masks, prev_cls = masks0.detach(), None
+        self._stage0_losses(
+            losses, masks[0], outputs.semantic_logits, matches[0], targets, layout, thing_masks
+        )
         for s, stage in enumerate(outputs.stages[1:], start=1):
-            masks = upsample2x(stage.mask_logits)  # (B, N + S, h, w)
-            prev_thing_cls = None
-            if prev_cls is not None:
-                prev_thing_cls = prev_cls[:, :num_thing_kernels, : self.num_thing_classes]
-            matches = self.matcher(
-                prev_masks[:, :num_thing_kernels], prev_thing_cls, thing_masks, thing_labels
-            )
             self._stage_losses(
                 losses,
                 f"s{s}",
-                masks,
+                masks[s],
                 stage.cls_logits,
-                matches,
+                matches[s],
                 thing_masks,
                 thing_labels,
                 stuff,
                 avg_factor,
             )
-            prev_masks, prev_cls = masks.detach(), stage.cls_logits.detach()
         return losses
 
+    def layout(
+        self, host_labels: list[np.ndarray], num_thing_kernels: int, device: torch.device
+    ) -> _Layout:
+        """Plan the batch's thing / stuff indexing on the host; one asynchronous copy moves it."""
+        t = self.num_thing_classes
+        parts: list[np.ndarray] = []
+        num_pos = 0
+        present_batch, present_slot = [], []
+        for b, labels in enumerate(host_labels):
+            things = np.flatnonzero(labels < t)
+            stuff = np.flatnonzero(labels >= t) if self.num_stuff_classes else things[:0]
+            slots = (labels[stuff] - t).astype(np.int64)
+            present = np.unique(slots)
+            parts += [things, stuff, slots]
+            present_batch.append(np.full(len(present), b))
+            present_slot.append(present)
+            num_pos += min(num_thing_kernels, len(things)) + len(present)
+        parts += [np.concatenate(present_batch), np.concatenate(present_slot)]
+        flat = to_device(np.concatenate([p.astype(np.int64) for p in parts]), device)
+        pieces = flat.split([len(p) for p in parts])
+        return _Layout(
+            things=list(pieces[0:-2:3]),
+            stuff=list(pieces[1:-2:3]),
+            slots=list(pieces[2:-2:3]),
+            present_batch=pieces[-2],
+            present_slot=pieces[-1],
+            num_pos=num_pos,
+        )
+
     def _stuff_targets(
-        self, targets: list[Targets], things: list[Tensor]
-    ) -> tuple[Tensor, Tensor] | None:
-        """Stuff kernel j <-> stuff class T + j (fixed): maps (B, S, h, w), present (B, S)."""
+        self, targets: list[Targets], layout: _Layout
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Stuff kernel j <-> stuff class T + j (fixed).
+
+        Returns maps (B, S, h, w), present (B, S), and the image and slot (M_s,) of every
+        present stuff slot (row-major, as ``present.nonzero()`` would give without a sync).
+        """
         if not self.num_stuff_classes:
             return None
         first = targets[0].masks
         size = first.shape[-2:]
         maps = first.new_zeros((len(targets), self.num_stuff_classes, *size), dtype=torch.float32)
+        for b, t in enumerate(targets):
+            # amax merges two segments of one stuff class (custom data) into one map.
+            stuff_masks = t.masks.index_select(0, layout.stuff[b]).flatten(1).float()  # (S_b, P)
+            index = layout.slots[b][:, None].expand_as(stuff_masks)
+            maps[b].view(self.num_stuff_classes, -1).scatter_reduce_(0, index, stuff_masks, "amax")
         present = torch.zeros(
             len(targets), self.num_stuff_classes, dtype=torch.bool, device=first.device
         )
-        for b, (t, keep) in enumerate(zip(targets, things, strict=True)):
-            slots = t.labels[~keep] - self.num_thing_classes  # (S_b,)
-            # amax merges two segments of one stuff class (custom data) into one map.
-            stuff_masks = t.masks[~keep].flatten(1).float()  # (S_b, P)
-            index = slots[:, None].expand_as(stuff_masks)
-            maps[b].view(self.num_stuff_classes, -1).scatter_reduce_(0, index, stuff_masks, "amax")
-            present[b, slots] = True
-        return maps, present
+        present[layout.present_batch, layout.present_slot] = True
+        return maps, present, layout.present_batch, layout.present_slot
 
     def _stage0_losses(
         self,
@@ -185,15 +229,16 @@ class KNetCriterion:
         semantic_logits: Tensor | None,
         matches: list[tuple[Tensor, Tensor]],
         targets: list[Targets],
-        things: list[Tensor],
+        layout: _Layout,
+        thing_masks: list[Tensor],
     ) -> None:
         cfg = self.cfg
-        batch_idx, kernel_idx, pos_targets = _gather_matched(matches, targets, things, masks)
+        batch_idx, kernel_idx, pos_targets = _gather_matched(matches, thing_masks)
         pred = masks[batch_idx, kernel_idx].flatten(1)  # (M, P)
         losses["s0.mask"] = cfg.mask_weight * _bce_or_zero(pred, pos_targets, masks)
         losses["s0.dice"] = cfg.dice_weight * _dice_or_zero(pred, pos_targets, masks)
         if semantic_logits is not None and cfg.seg_weight:
-            labels = self._dense_labels(semantic_logits, targets, things, matches)
+            labels = self._dense_labels(semantic_logits, targets, layout, matches)
             losses["s0.seg"] = cfg.seg_weight * self._dense_focal(semantic_logits, labels)
         if self.task == "panoptic" and cfg.rank_weight:
             rank = _rank_targets(masks.shape, batch_idx, kernel_idx, pos_targets)
@@ -208,7 +253,7 @@ class KNetCriterion:
         matches: list[tuple[Tensor, Tensor]],
         thing_masks: list[Tensor],
         thing_labels: list[Tensor],
-        stuff: tuple[Tensor, Tensor] | None,
+        stuff: tuple[Tensor, Tensor, Tensor, Tensor] | None,
         avg_factor: Tensor,
     ) -> None:
         cfg = self.cfg
@@ -222,18 +267,15 @@ class KNetCriterion:
         cls_weights[:, :num_things, :t] = 1.0
         batch_idx, kernel_idx, target_list = [], [], []
         for b, (rows, cols) in enumerate(matches):
-            rows = rows.to(masks.device)
-            cols = cols.to(masks.device)
             cls_targets[b, rows, thing_labels[b][cols]] = 1.0
             batch_idx.append(torch.full_like(rows, b))
             kernel_idx.append(rows)
             target_list.append(thing_masks[b][cols].flatten(1).float())
         if stuff is not None:
-            maps, present = stuff
+            maps, present, b_idx, s_idx = stuff
             stuff_range = torch.arange(self.num_stuff_classes, device=masks.device)
             cls_weights[:, num_things + stuff_range, t + stuff_range] = 1.0
             cls_targets[:, num_things + stuff_range, t + stuff_range] = present.float()
-            b_idx, s_idx = present.nonzero(as_tuple=True)
             batch_idx.append(b_idx)
             kernel_idx.append(num_things + s_idx)
             target_list.append(maps[b_idx, s_idx].flatten(1))
@@ -255,7 +297,7 @@ class KNetCriterion:
         self,
         semantic_logits: Tensor,
         targets: list[Targets],
-        things: list[Tensor],
+        layout: _Layout,
         matches: list[tuple[Tensor, Tensor]],
     ) -> Tensor:
         """Per-pixel stage-0 labels (B, h, w): stuff first, then the matched things over it.
@@ -265,19 +307,19 @@ class KNetCriterion:
         """
         num_classes = semantic_logits.shape[1]
         labels = []
-        for t, keep, (_, cols) in zip(targets, things, matches, strict=True):
-            cols = cols.to(t.labels.device)
-            masks = torch.cat([t.masks[~keep], t.masks[keep][cols]])  # (G', h, w) paint order
-            classes = torch.cat([t.labels[~keep], t.labels[keep][cols]])  # (G',)
-            order = torch.arange(len(classes), device=masks.device)[:, None, None]
-            last = torch.where(masks > 0, order, -1).amax(0) if len(classes) else None  # (h, w)
-            if last is None:
+        for b, (t, (_, cols)) in enumerate(zip(targets, matches, strict=True)):
+            order = torch.cat([layout.stuff[b], layout.things[b][cols]])  # paint order, (G',)
+            if not len(order):
                 labels.append(
                     torch.full(
                         t.masks.shape[-2:], num_classes, device=t.masks.device, dtype=torch.int64
                     )
                 )
                 continue
+            masks = t.masks.index_select(0, order)  # (G', h, w)
+            classes = t.labels.index_select(0, order)  # (G',)
+            rank = torch.arange(len(order), device=masks.device)[:, None, None]
+            last = torch.where(masks > 0, rank, -1).amax(0)  # (h, w)
             painted = classes[last.clamp(min=0)]
             labels.append(torch.where(last >= 0, painted, num_classes))
         return torch.stack(labels)  # (B, h, w)
@@ -317,19 +359,40 @@ class KNetCriterion:
 
 
 def _gather_matched(
-    matches: list[tuple[Tensor, Tensor]],
-    targets: list[Targets],
-    things: list[Tensor],
-    like: Tensor,
+    matches: list[tuple[Tensor, Tensor]], thing_masks: list[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch index (M,), kernel index (M,) and target masks (M, P) of matched thing kernels."""
     batch_idx, kernel_idx, masks = [], [], []
     for b, (rows, cols) in enumerate(matches):
-        rows = rows.to(like.device)
         batch_idx.append(torch.full_like(rows, b))
         kernel_idx.append(rows)
-        masks.append(targets[b].masks[things[b]][cols.to(like.device)].flatten(1).float())
+        masks.append(thing_masks[b][cols].flatten(1).float())
     return torch.cat(batch_idx), torch.cat(kernel_idx), torch.cat(masks)
+
+
+def _matches_to(
+    device: torch.device, rounds: list[list[tuple[Tensor, Tensor]]]
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """Every round's CPU matches to ``device`` in one asynchronous copy (same structure)."""
+    flat = [index.numpy() for matches in rounds for pair in matches for index in pair]
+    if not flat:
+        return rounds
+    pieces = iter(
+        to_device(np.concatenate(flat).astype(np.int64), device).split([len(f) for f in flat])
+    )
+    return [[(next(pieces), next(pieces)) for _ in matches] for matches in rounds]
+
+
+@dataclass
+class _Layout:
+    """Where a batch's things and stuff are among each image's segments, on the device."""
+
+    things: list[Tensor]  # per image (G_b,) positions of its thing segments
+    stuff: list[Tensor]  # per image (S_b,) positions of its stuff segments
+    slots: list[Tensor]  # per image (S_b,) the stuff kernel of each stuff segment
+    present_batch: Tensor  # (M_s,) image of every present stuff slot
+    present_slot: Tensor  # (M_s,) and the slot
+    num_pos: int  # matched thing kernels + present stuff kernels in the batch
 
 
 def _rank_targets(

@@ -10,12 +10,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from knet.syncs import to_host
+
 
 class HungarianMatcher:
     """One-to-one assignment minimising ``cls * focal + dice * dice + mask * mask`` costs.
 
     Costs are computed for the whole batch at once on the predictions' device; the (B, N, G)
-    cost tensor crosses to the CPU once per call for ``scipy``'s ``linear_sum_assignment``.
+    cost tensors of every round the caller matches cross to the CPU together, once per batch,
+    for ``scipy``'s ``linear_sum_assignment``.
     """
 
     def __init__(
@@ -34,7 +37,6 @@ class HungarianMatcher:
         self.focal_gamma = focal_gamma
         self.eps = eps
 
-    @torch.no_grad()
     def __call__(
         self,
         mask_logits: Tensor,
@@ -55,7 +57,28 @@ class HungarianMatcher:
             Per image ``(kernel_indices, gt_indices)``, two int64 CPU tensors of equal length
             min(N, G_b); ``kernel_indices`` ascending.
         """
-        cost = self.cost_matrix(mask_logits, cls_logits, gt_masks, gt_labels).cpu()  # (B, N, G)
+        return self.match_rounds([(mask_logits, cls_logits)], gt_masks, gt_labels)[0]
+
+    @torch.no_grad()
+    def match_rounds(
+        self,
+        rounds: list[tuple[Tensor, Tensor | None]],
+        gt_masks: list[Tensor],
+        gt_labels: list[Tensor],
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """:meth:`__call__` for several rounds' predictions against the same ground truth.
+
+        Every round's (B, N, G) costs are stacked and cross to the CPU in one transfer, the
+        training step's only host synchronisation (:func:`knet.syncs.to_host`). ``rounds`` is a
+        list of ``(mask_logits, cls_logits)``; the result has one list of matches per round.
+        """
+        costs = [self.cost_matrix(m, c, gt_masks, gt_labels) for m, c in rounds]
+        host = to_host(torch.stack(costs)) if costs else torch.zeros(0)  # (R, B, N, G)
+        return [self._assign(cost, gt_labels) for cost in host]
+
+    @staticmethod
+    def _assign(cost: Tensor, gt_labels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``scipy``'s assignment of one round's (B, N, G) CPU costs, per image."""
         matches = []
         for b, labels in enumerate(gt_labels):
             num_gt = len(labels)
@@ -64,9 +87,7 @@ class HungarianMatcher:
                 matches.append((empty, empty.clone()))
                 continue
             rows, cols = linear_sum_assignment(cost[b, :, :num_gt].numpy())
-            matches.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            matches.append((torch.from_numpy(rows).long(), torch.from_numpy(cols).long()))
         return matches
 
     def cost_matrix(

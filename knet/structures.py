@@ -27,14 +27,38 @@ class Targets:
     labels: Tensor  # (G,) int64 training ids
     semantic: Tensor | None = None  # (H, W) int64 class ids, IGNORE_LABEL where unlabelled
     is_thing: Tensor | None = None  # (G,) bool, the dataset's isthing flag of each segment
+    # A CPU copy of ``labels``, kept by :meth:`to`, so the criterion can plan its indexing on
+    # the host without reading the device (a GPU step syncs only in the matcher).
+    labels_host: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> Targets:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
         def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return Targets(
-            self.masks.to(device), self.labels.to(device), move(self.semantic), move(self.is_thing)
+            move(self.masks),
+            move(self.labels),
+            move(self.semantic),
+            move(self.is_thing),
+            self.host_labels() if self.labels.device.type == "cpu" else self.labels_host,
         )
+
+    def pin_memory(self) -> Targets:
+        """Page-locked copies (the DataLoader's ``pin_memory=True`` calls this), so the copy
+        to the GPU can be asynchronous."""
+
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return Targets(
+            pin(self.masks), pin(self.labels), pin(self.semantic), pin(self.is_thing), self.labels
+        )
+
+    def host_labels(self) -> Tensor:
+        """``labels`` on the CPU: the kept copy, or a device read for targets built there."""
+        if self.labels_host is not None:
+            return self.labels_host
+        return self.labels.cpu()
 
 
 def downsample_masks(masks: Tensor, padded_size: tuple[int, int], stride: int = 4) -> Tensor:

@@ -29,7 +29,7 @@ from knet.checkpoint import load_checkpoint, save_checkpoint
 from knet.config import Config, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.dataset import build_dataset, build_loader
-from knet.engine import NonFiniteLossError, train_one_epoch
+from knet.engine import NonFiniteLossError, accelerate, train_one_epoch
 from knet.evaluate import accumulate_metrics, summarize
 from knet.losses import KNetCriterion
 from knet.metrics import gather
@@ -382,6 +382,7 @@ def train_loop_per_worker(
     val_set = build_dataset(cfg.data, cfg.data.val_split, cfg.model.task, train=False)
     cats = train_set.categories
     model = build_model(cfg.model, cats.num_things, cats.num_stuff).to(device)
+    channels_last = accelerate(model, device, cfg.train.channels_last, cfg.train.compile)
     optimizer = build_optimizer(model, cfg.optim)
     loader = ctx.prepare_loader(
         build_loader(
@@ -407,7 +408,17 @@ def train_loop_per_worker(
     timings["setup_s"] = time.perf_counter() - began - timings["tracking_s"]
     try:
         run = _Run(
-            cfg, model, ddp_model, poisoned, loader, optimizer, scheduler, val_set, cats, device
+            cfg,
+            model,
+            ddp_model,
+            poisoned,
+            loader,
+            optimizer,
+            scheduler,
+            val_set,
+            cats,
+            device,
+            channels_last,
         )
         history, epoch_times = _epochs(run, ctx, state, loop_config, tracker)
     except BaseException:
@@ -466,6 +477,7 @@ class _Run:
     val_set: Any
     cats: Any
     device: torch.device
+    channels_last: bool = False
 
 
 def _epochs(
@@ -499,6 +511,7 @@ def _epochs(
             max_bad_steps=cfg.train.max_bad_steps,
             bad_steps=bad_steps,
             on_step=_kill_hook(loop_config, ctx.rank, epoch),
+            channels_last=run.channels_last,
         )
         bad_steps = int(stats["bad_steps"])
         metrics = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import inference, maskrcnn
-from benchmarks.__main__ import markdown, ratios
+from benchmarks import inference, maskrcnn, model_step, systems
+from benchmarks.__main__ import fast_path_gains, markdown, ratios
 
 
 def _args() -> argparse.Namespace:
@@ -72,3 +72,47 @@ def test_ratios_and_table_pair_knet_with_the_peer():
     assert "| 50.0 |" in table  # 0.05 of a 0.1 TFLOP/s peak
     assert "2.00 (1.00-4.00)" in table  # a training step of 1 s at batch 2, min-max inverted
     assert "unavailable: torchvision: missing" in table
+
+
+def test_fast_path_gains_and_the_systems_table():
+    base = {"section": "training", "case": "K-Net R-50 panoptic, 8x8", "batch": 2,
+            "step_s_median": 2.0, "step_s_min": 2.0, "step_s_max": 2.0, "peak_mem_mib": 1.0,
+            "host_syncs_per_step": 0, "matcher_transfers_per_step": 1}  # fmt: skip
+    fast = {**base, "section": "fast path", "case": "K-Net R-50 panoptic, 8x8, channels-last",
+            "step_s_median": 1.0}  # fmt: skip
+    assert fast_path_gains([base, fast]) == [("channels-last", 2.0)]
+    systems = {
+        "train_images": 8, "val_images": 4, "dvc_repro_prepare_cold_s": 5.0,
+        "dvc_repro_noop_s": 0.9, "flow_epochs": 1, "flow_wall_s": 60.0,
+        "flow_stage_s": {"prepare": 1.0, "train": 30.0},
+        "plain_loop": {"images_per_s": 10.0, "wall_s": 20.0, "epochs": 4},
+        "ray_train_1_worker": {"images_per_s": 9.8, "wall_s": 30.0, "epochs": 4},
+        "ray_over_plain": 0.98,
+    }  # fmt: skip
+    header = {"device": "cpu", "torch": "x", "python": "3.11", "threads": 2,
+              "matmul_peak_tflops": 0.1, "peak_dtype": "float32 2048^3"}  # fmt: skip
+    table = markdown(header, [base, fast], [], systems)
+    assert "| 0 + 1 cost transfer |" in table
+    assert "| channels-last | 2.00x |" in table
+    assert "| Ray Train 1 worker / plain loop | 0.98x |" in table
+    assert "| `dvc repro prepare`, nothing changed | 0.9 s |" in table
+    assert "| flow stage: train | 30.0 s |" in table
+
+
+def test_the_training_step_benchmark_counts_its_host_syncs():
+    args = argparse.Namespace(
+        params="params.yaml", overrides=[], size=[64, 64], batch=2, num_things=5, num_stuff=3,
+        warmup=1, repeats=1, channels_last=True, compile=False, device="cpu",
+    )  # fmt: skip
+    row = model_step.measure(args)
+    assert row["host_syncs_per_step"] == 0 and row["matcher_transfers_per_step"] == 1
+    assert row["channels_last"] is True and row["step_s_median"] > 0
+
+
+def test_the_systems_benchmark_runs_dvc_in_a_scratch_project(tmp_path):
+    project = systems.scratch_project(tmp_path, train_images=4, val_images=2)
+    assert (project / ".dvc").is_dir() and (project / "knet").is_dir()
+    systems.timed_run(["dvc", "repro", "prepare"], project)
+    _, out = systems.timed_run(["dvc", "repro", "prepare"], project)
+    assert "didn't change" in out or "up to date" in out
+    assert (project / "data" / "prepared").is_dir()

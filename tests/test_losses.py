@@ -171,15 +171,16 @@ def _instance_output() -> KNetOutput:
 
 
 def _record_matches(criterion: KNetCriterion) -> list:
+    """Each round's matches, as the criterion's one ``match_rounds`` call returns them."""
     recorded = []
-    matcher = criterion.matcher
+    match_rounds = criterion.matcher.match_rounds
 
     def wrapped(*args):
-        result = matcher(*args)
-        recorded.append(result)
+        result = match_rounds(*args)
+        recorded.extend(result)
         return result
 
-    criterion.matcher = wrapped
+    criterion.matcher.match_rounds = wrapped
     return recorded
 
 
@@ -475,17 +476,18 @@ def test_each_round_is_matched_with_the_previous_rounds_predictions() -> None:
         semantic_logits=torch.zeros(1, T + S, 2, 2),
     )
     criterion = KNetCriterion(LossConfig(), "panoptic", T, S)
-    calls = []
-    matcher = criterion.matcher
+    calls, batches = [], []
+    match_rounds = criterion.matcher.match_rounds
 
-    def spy(mask_logits, cls_logits, gt_masks, gt_labels):
-        calls.append((mask_logits, cls_logits, gt_masks, gt_labels))
-        return matcher(mask_logits, cls_logits, gt_masks, gt_labels)
+    def spy(rounds, gt_masks, gt_labels):
+        batches.append(len(rounds))
+        calls.extend((m, c, gt_masks, gt_labels) for m, c in rounds)
+        return match_rounds(rounds, gt_masks, gt_labels)
 
-    criterion.matcher = spy
+    criterion.matcher.match_rounds = spy
     losses = criterion(out, _panoptic_targets())
     assert {"s2.cls", "s2.mask", "s2.dice", "s2.rank"} <= set(losses)
-    assert len(calls) == 3  # stage 0, round 1, round 2
+    assert batches == [3]  # one call (one host transfer) for stage 0, round 1 and round 2
     torch.testing.assert_close(calls[0][0], upsample2x(m0).detach())
     assert calls[0][1] is None
     torch.testing.assert_close(calls[1][0], upsample2x(m0).detach())
@@ -562,8 +564,9 @@ def test_two_segments_of_one_stuff_class_merge_into_one_stuff_map():
     masks[1, 2:] = 1.0  # stuff class 1 again, bottom half
     masks[2, :, :1] = 1.0  # stuff class 2
     targets = [Targets(masks, torch.tensor([1, 1, 2]))]
-    things = [t.labels < 1 for t in targets]
-    maps, present = criterion._stuff_targets(targets, things)
+    layout = criterion.layout([t.labels.numpy() for t in targets], 4, torch.device("cpu"))
+    maps, present, batch_idx, slots = criterion._stuff_targets(targets, layout)
+    assert batch_idx.tolist() == [0, 0] and slots.tolist() == [0, 1]
     assert present.tolist() == [[True, True]]
     assert maps[0, 0].eq(1).all()  # the union covers the whole image
     assert maps[0, 1].sum() == 4

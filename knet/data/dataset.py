@@ -8,6 +8,7 @@ for evaluation). Letters: B images, G segments, H, W the padded batch size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,11 +49,19 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             self.images.to(device, non_blocking=non_blocking),
-            [t.to(device) for t in self.targets],
+            [t.to(device, non_blocking=non_blocking) for t in self.targets],
             self.image_sizes,
             self.output_sizes,
             self.image_ids,
             self.indices,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked tensors: the DataLoader's ``pin_memory=True`` calls this (a dataclass
+        without it would be passed through unpinned), so ``to(..., non_blocking=True)`` is
+        asynchronous."""
+        return dataclasses.replace(
+            self, images=self.images.pin_memory(), targets=[t.pin_memory() for t in self.targets]
         )
 
     def __len__(self) -> int:

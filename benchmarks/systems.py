@@ -1,0 +1,145 @@
+"""The costs around the model: the plain loop vs Ray Train with 1 worker, ``dvc repro`` when
+nothing changed, and the ``make pipeline`` flow's stage breakdown.
+
+``python -m benchmarks.systems [--train-images 200 --epochs 4]`` (``python -m benchmarks`` runs
+it as its ``systems`` section). Everything runs in a scratch copy of the project (its tracked
+files in a fresh git + DVC repository, with the synthetic set cut to ``--train-images``), so
+this checkout's data, DVC cache, MLflow store and Ray results are untouched. Prints one JSON
+line.
+
+- plain vs Ray Train: the same config and data, ``train.num_workers=0`` (the engine loop in
+  this process) and ``=1`` (one Ray Train worker with both cores); images/s is the median of
+  the epochs after the first (start-up excluded), wall time includes it.
+- ``dvc repro prepare`` twice: the first generates and prepares the data, the second finds
+  everything up to date (what every flow run pays before training).
+- the train-knet flow (``make pipeline``) for ``--flow-epochs`` on that data: its own per-stage
+  seconds (``stage_s`` of the summary) and the wall time including the ephemeral Prefect API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("knet", "pipelines", "configs", "dvc.yaml", "params.yaml", "pyproject.toml")
+
+FLOW = r"""
+import json, sys, time
+from pipelines.flows import train_knet
+epochs = int(sys.argv[1])
+start = time.perf_counter()
+summary = train_knet(epochs=epochs, overrides=[f"optim.lr_steps=[{max(epochs - 1, 1)}]"])
+summary["wall_s"] = time.perf_counter() - start
+print(json.dumps(summary, default=str))
+"""
+
+
+def environment(project: Path) -> dict[str, str]:
+    """This interpreter's tools first on PATH, local-only services, Prefect state in ``project``."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    env["PYTHONPATH"] = str(project)
+    env.pop("PREFECT_API_URL", None)  # an ephemeral API, as `make pipeline` without servers
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def scratch_project(folder: Path, train_images: int, val_images: int) -> Path:
+    """The project's code, pipeline and params in a fresh git + DVC repository."""
+    project = folder / "project"
+    project.mkdir()
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["synth"].update(train_images=train_images, val_images=val_images)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = environment(project)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=project, env=env, check=True)
+    return project
+
+
+def timed_run(cmd: list[str], project: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run(
+        cmd, cwd=project, env=environment(project), check=True, capture_output=True, text=True
+    )
+    return time.perf_counter() - start, out.stdout
+
+
+def train_speed(project: Path, workers: int, epochs: int) -> dict:
+    """One ``knet train`` run in a child process; images/s from its per-epoch history."""
+    run = project / f"loop-{workers}"
+    overrides = [
+        f"train.num_workers={workers}",
+        f"train.epochs={epochs}",
+        "train.eval_every=1000",
+        "tracking.enabled=false",
+        f"train.storage_path={run / 'ray'}",
+        f"train.output={run / 'model.pt'}",
+        f"train.metrics={run / 'train.json'}",
+        "train.max_failures=0",
+        f"train.run_name=bench-{workers}",
+    ]
+    seconds, _ = timed_run(["knet", "train", "--set", *overrides], project)
+    history = json.loads((run / "train_history.json").read_text())
+    # Each rank reports images/s over its own shard; one worker's is the run's.
+    rates = sorted(h["images_per_s"] for h in history[1:]) or [history[-1]["images_per_s"]]
+    return {"images_per_s": rates[len(rates) // 2], "wall_s": seconds, "epochs": epochs}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="knet-bench-") as tmp:
+        project = scratch_project(Path(tmp), args.train_images, args.val_images)
+        cold, _ = timed_run(["dvc", "repro", "prepare"], project)
+        noop, out = timed_run(["dvc", "repro", "prepare"], project)
+        if "didn't change" not in out and "up to date" not in out:
+            raise RuntimeError(f"the second `dvc repro prepare` did work:\n{out}")
+        plain = train_speed(project, 0, args.epochs)
+        ray = train_speed(project, 1, args.epochs)
+        _, flow_out = timed_run([sys.executable, "-c", FLOW, str(args.flow_epochs)], project)
+        flow = json.loads(flow_out.strip().splitlines()[-1])
+    return {
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+        "dvc_repro_prepare_cold_s": round(cold, 2),
+        "dvc_repro_noop_s": round(noop, 2),
+        "plain_loop": plain,
+        "ray_train_1_worker": ray,
+        "ray_over_plain": ray["images_per_s"] / plain["images_per_s"],
+        "flow_epochs": args.flow_epochs,
+        "flow_stage_s": flow["stage_s"],
+        "flow_wall_s": round(flow["wall_s"], 1),
+        "flow_pq": flow["metrics"].get("pq"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-images", type=int, default=200)
+    parser.add_argument("--val-images", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=4, help="plain vs Ray Train epochs")
+    parser.add_argument("--flow-epochs", type=int, default=2, help="train-knet flow epochs")
+    print(json.dumps(measure(parser.parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
