@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         help="measure train.compile too (default on CUDA; a CPU compile of R-50 takes minutes)",
     )  # fmt: skip
     parser.add_argument("--skip-systems", action="store_true", help="no plain/Ray/DVC/flow rows")
+    parser.add_argument(
+        "--systems-python", default=sys.executable,
+        help="the interpreter of the systems rows, which need the whole stack (Ray, DVC, "
+        "Prefect, MLflow): e.g. the project's .venv when this one only has torch + torchvision",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     peak = run_measurement(["-m", "benchmarks.peak"], "matmul peak")
     rows = []
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     sys_row = None
     if not args.skip_systems and args.only in (None, "systems"):
         print("systems: plain vs Ray Train, dvc repro, the flow", file=sys.stderr, flush=True)
-        sys_row = run_measurement(["-m", "benchmarks.systems"], "systems")
+        sys_row = run_measurement(["-m", "benchmarks.systems"], "systems", args.systems_python)
     found = ratios(rows)
     text = markdown(header, rows, found, sys_row)
     report = {"header": header, "rows": rows, "ratios": found, "systems": sys_row}
