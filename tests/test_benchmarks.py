@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from benchmarks import inference, maskrcnn, model_step, systems
 from benchmarks.__main__ import fast_path_gains, markdown, ratios
@@ -116,3 +123,15 @@ def test_the_systems_benchmark_runs_dvc_in_a_scratch_project(tmp_path):
     _, out = systems.timed_run(["dvc", "repro", "prepare"], project)
     assert "didn't change" in out or "up to date" in out
     assert (project / "data" / "prepared").is_dir()
+
+
+def test_the_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the script would run the GPU checks")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "no CUDA device visible" in done.stderr
+    assert not (tmp_path / "gpu_tests.log").exists()  # stopped before any test or benchmark
