@@ -47,7 +47,9 @@ lock:
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# Speed and memory of one training step (tiny default and R-50 preset); prints a table.
+# Speed and memory: K-Net (tiny, R-50) vs Mask R-CNN training and inference, the fast path,
+# plain loop vs Ray Train, dvc no-op, the flow's stages -> reports/bench.{json,md} (~16 min on 2
+# cores; README "Benchmarks"). On a CUDA machine with its own torch: benchmarks/gpu_check.sh.
 bench: install
 	$(BIN)/python -m benchmarks
 
