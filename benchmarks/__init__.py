@@ -63,3 +63,26 @@ def timed(step, device, warmup: int, repeats: int) -> list[float]:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def padded_input(size: list[int], divisor: int) -> tuple[int, int]:
+    """``size`` rounded up to multiples of ``divisor`` (the padded batch the loader makes)."""
+    return tuple(-(-v // divisor) * divisor for v in size)
+
+
+def case_info(args, cfg, device, amp: bool, height: int, width: int) -> dict[str, Any]:
+    """The fields that say what a K-Net measurement ran: config, task, input, dtype, versions."""
+    import torch
+
+    return {
+        "params": args.params,
+        "task": cfg.model.task,
+        "depth": cfg.model.backbone.depth,
+        "input": [height, width],
+        "batch": args.batch,
+        "device": str(device),
+        "dtype": "bf16 autocast" if amp else "fp32",
+        "channels_last": args.channels_last,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }

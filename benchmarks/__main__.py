@@ -52,18 +52,18 @@ def cases(
     tiny = [*TINY, "--size", "128", "128", "--repeats", str(repeats * 3)]
     r50 = [*R50, "--size", *size, "--repeats", str(repeats)]
     shape = "x".join(size)
-    peer = ["--size", *size, "--repeats", str(repeats)]
     step, infer = "benchmarks.model_step", "benchmarks.inference"
     knet_tiny, knet_r50 = "K-Net tiny default, 128x128", f"K-Net R-50 panoptic, {shape}"
     peer_name = f"Mask R-CNN R-50-FPN, {shape}"
+
+    def peer(mode: str, batch: int) -> tuple[str, str, list[str]]:
+        args = ["--mode", mode, "--size", *size, "--repeats", str(repeats), "--batch", str(batch)]
+        return (mode, peer_name, ["benchmarks.maskrcnn", *args])
+
     return [
         ("training", knet_tiny, [step, *tiny, "--batch", "2"]),
         ("training", knet_r50, [step, *r50, "--batch", "2"]),
-        (
-            "training",
-            peer_name,
-            ["benchmarks.maskrcnn", "--mode", "training", *peer, "--batch", "2"],
-        ),
+        peer("training", 2),
         (
             "fast path",
             f"{knet_r50}, channels-last",
@@ -78,16 +78,8 @@ def cases(
         ("inference", knet_tiny, [infer, *tiny, "--batch", "16"]),
         ("inference", knet_r50, [infer, *r50, "--batch", "1"]),
         ("inference", knet_r50, [infer, *r50, "--batch", "16"]),
-        (
-            "inference",
-            peer_name,
-            ["benchmarks.maskrcnn", "--mode", "inference", *peer, "--batch", "1"],
-        ),
-        (
-            "inference",
-            peer_name,
-            ["benchmarks.maskrcnn", "--mode", "inference", *peer, "--batch", "16"],
-        ),
+        peer("inference", 1),
+        peer("inference", 16),
     ]
 
 

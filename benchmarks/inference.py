@@ -19,7 +19,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import add_case_args, peak_memory_mib
+from benchmarks import add_case_args, case_info, padded_input, peak_memory_mib
 from knet.config import load_config
 from knet.data.dataset import Batch
 from knet.engine import autocast, predict_batch
@@ -40,9 +40,7 @@ def measure(args: argparse.Namespace) -> dict:
     model = build_model(cfg.model, args.num_things, args.num_stuff).to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    divisor = cfg.data.size_divisor
-    height = -(-args.size[0] // divisor) * divisor
-    width = -(-args.size[1] // divisor) * divisor
+    height, width = padded_input(args.size, cfg.data.size_divisor)
     images = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
     if args.channels_last:
@@ -70,16 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
     forward = statistics.median(r["forward_s"] for r in runs)
     peak = peak_memory_mib(device)
     return {
-        "params": args.params,
-        "task": cfg.model.task,
-        "depth": cfg.model.backbone.depth,
-        "input": [height, width],
-        "batch": args.batch,
-        "device": str(device),
-        "dtype": "bf16 autocast" if amp else "fp32",
-        "channels_last": args.channels_last,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **case_info(args, cfg, device, amp, height, width),
         "images_per_s_median": args.batch / statistics.median(totals),
         "images_per_s_min": args.batch / max(totals),
         "images_per_s_max": args.batch / min(totals),

@@ -19,7 +19,7 @@ import sys
 import torch
 
 import knet.matcher
-from benchmarks import add_case_args, peak_memory_mib, timed
+from benchmarks import add_case_args, case_info, padded_input, peak_memory_mib, timed
 from knet.config import load_config
 from knet.data.dataset import Batch
 from knet.engine import accelerate, train_step
@@ -83,9 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
         accelerate(model, device, channels_last=False, compile=True)
     criterion = KNetCriterion(cfg.loss, task, args.num_things, args.num_stuff)
     optimizer = build_optimizer(model, cfg.optim)
-    divisor = cfg.data.size_divisor
-    height = -(-args.size[0] // divisor) * divisor
-    width = -(-args.size[1] // divisor) * divisor
+    height, width = padded_input(args.size, cfg.data.size_divisor)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, height, width, generator=gen)
     if args.channels_last:
@@ -108,17 +106,8 @@ def measure(args: argparse.Namespace) -> dict:
     peak = peak_memory_mib(device)
     syncs, transfers = count_syncs(step)
     return {
-        "params": args.params,
-        "task": task,
-        "depth": cfg.model.backbone.depth,
-        "input": [height, width],
-        "batch": args.batch,
-        "device": str(device),
-        "dtype": "bf16 autocast" if amp else "fp32",
-        "channels_last": args.channels_last,
+        **case_info(args, cfg, device, amp, height, width),
         "compile": args.compile,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "step_s_median": statistics.median(times),
         "step_s_min": min(times),
         "step_s_max": max(times),

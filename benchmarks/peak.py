@@ -12,25 +12,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
+
+from benchmarks import timed
 
 
 def measure(device: torch.device, size: int, repeats: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+    times = timed(lambda: a @ b, device, warmup=2, repeats=repeats)
     return {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,9 +85,16 @@ def timed_run(cmd: list[str], project: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out.stdout
 
 
-def train_speed(project: Path, workers: int, epochs: int) -> dict:
-    """One ``knet train`` run in a child process; images/s from its per-epoch history."""
-    run = project / f"loop-{workers}"
+def train_speed(
+    project: Path, workers: int, epochs: int, folder: Path | None = None, cpus: float = 0
+) -> dict:
+    """One ``knet train`` run in ``project`` (a child process); images/s from its history.
+
+    The run's outputs go to ``folder`` (default: the project); ``cpus`` > 0 shares that many
+    CPUs among the Ray workers (``train.cpus_per_worker``), else the params' value stands.
+    Images/s is the median over the epochs after the first, summed over the workers.
+    """
+    run = (folder or project) / f"loop-{workers}"
     overrides = [
         f"train.num_workers={workers}",
         f"train.epochs={epochs}",
@@ -98,11 +106,14 @@ def train_speed(project: Path, workers: int, epochs: int) -> dict:
         "train.max_failures=0",
         f"train.run_name=bench-{workers}",
     ]
+    if workers and cpus:
+        overrides.append(f"train.cpus_per_worker={cpus / workers}")
     seconds, _ = timed_run(["knet", "train", "--set", *overrides], project)
     history = json.loads((run / "train_history.json").read_text())
-    # Each rank reports images/s over its own shard; one worker's is the run's.
-    rates = sorted(h["images_per_s"] for h in history[1:]) or [history[-1]["images_per_s"]]
-    return {"images_per_s": rates[len(rates) // 2], "wall_s": seconds, "epochs": epochs}
+    # Each rank reports images/s over its own shard; the run's throughput is their sum.
+    rates = [h["images_per_s"] * max(workers, 1) for h in history[1:]]
+    rates = rates or [history[-1]["images_per_s"] * max(workers, 1)]
+    return {"images_per_s": statistics.median(rates), "wall_s": seconds, "epochs": epochs}
 
 
 def measure(args: argparse.Namespace) -> dict:

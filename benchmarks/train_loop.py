@@ -2,13 +2,13 @@
 
 ``python -m benchmarks.train_loop``: the tiny default (``params.yaml``) on the default synthetic
 data (run ``dvc repro prepare`` first), 4 epochs each, validation and tracking off. Images/s is
-the median of the per-epoch numbers after the first epoch (start-up excluded); wall time
-includes start-up. Also times ``save_checkpoint`` and reports the checkpoint's size.
+the median of the per-epoch numbers after the first epoch (start-up excluded); wall time is
+the ``knet train`` child process's, start-up included (:func:`benchmarks.systems.train_speed`).
+Also times ``save_checkpoint`` and reports the checkpoint's size.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -16,32 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.systems import train_speed
+
 
 def run(workers: int, folder: Path) -> dict:
-    from knet.config import load_config
-    from knet.train import train
-
-    prepared = Path("data/prepared").resolve()
-    overrides = [
-        f"data.prepared={prepared}",
-        f"train.num_workers={workers}",
-        "train.epochs=4",
-        "train.eval_every=100",
-        "tracking.enabled=false",
-        f"train.storage_path={folder / 'ray'}",
-        f"train.output={folder / f'model-{workers}.pt'}",
-        "train.max_failures=0",
-    ]
-    if workers:
-        overrides.append(f"train.cpus_per_worker={2 / workers}")
-    cfg = load_config("params.yaml", overrides)
-    start = time.perf_counter()
-    train(cfg, root=folder, run_name=f"bench-{workers}")  # metrics land in folder/metrics
-    wall = time.perf_counter() - start
-    history = json.loads((folder / "metrics" / "train_history.json").read_text())
-    # Each rank reports its own images/s over its shard; the run's throughput is the sum.
-    rates = [h["images_per_s"] * max(workers, 1) for h in history[1:]]
-    return {"workers": workers, "images_per_s": statistics.median(rates), "wall_s": wall}
+    """``knet train`` here, with the run's outputs in ``folder`` (both cores shared)."""
+    return {"workers": workers, **train_speed(Path.cwd(), workers, 4, folder, cpus=2)}
 
 
 def checkpoint_cost(folder: Path) -> dict:

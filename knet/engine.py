@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,11 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def channels_last_on(device: torch.device, enabled: bool) -> bool:
+    """Whether ``train.channels_last`` applies here: on CUDA only (on a CPU it did not pay)."""
+    return enabled and device.type == "cuda"
+
+
 def accelerate(model: nn.Module, device: torch.device, channels_last: bool, compile: bool) -> bool:
     """Apply ``train.channels_last`` (CUDA only) and ``train.compile`` to a K-Net in place.
 
@@ -39,7 +43,7 @@ def accelerate(model: nn.Module, device: torch.device, channels_last: bool, comp
     so checkpoints and DDP are unaffected). Returns whether the input images should be
     channels-last too.
     """
-    channels_last = channels_last and device.type == "cuda"
+    channels_last = channels_last_on(device, channels_last)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
@@ -138,7 +142,8 @@ def train_one_epoch(
     ``on_step(step)`` is called before each step; ``channels_last`` converts the images.
     """
     model.train()
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    names: list[str] = []
+    totals = torch.zeros(0, device=device)  # the loss terms' sums over the kept steps
     good = torch.zeros((), device=device)
     bad = LaggedCount(device, bad_steps)
     images = 0
@@ -156,14 +161,12 @@ def train_one_epoch(
     ):
         if on_step is not None:
             on_step(step)
-        batch = batch.to(device, non_blocking=True)
-        if channels_last:
-            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+        batch = batch.to(device, non_blocking=True, channels_last=channels_last)
         losses = train_step(model, criterion, batch, optimizer, optim_cfg, amp)
         skipped = losses.pop("skipped")
-        kept = skipped == 0
-        for name, value in losses.items():
-            sums[name] += torch.where(kept, value, 0.0)
+        names = list(losses)
+        terms = torch.where(skipped == 0, torch.stack(list(losses.values())), 0.0)
+        totals = totals + terms if len(totals) else terms  # a few kernels per step, not per term
         good += 1 - skipped
         bad.add(skipped)
         check(bad.settled())
@@ -172,8 +175,8 @@ def train_one_epoch(
         images += len(batch)
     check(bad.settled(wait=True))
     seconds = time.perf_counter() - start
-    steps = max(float(good), 1.0)  # one sync per epoch
-    means = {name: float(total) / steps for name, total in sums.items()}
+    steps = max(float(good), 1.0)  # the epoch's syncs: this and the means
+    means = dict(zip(names, (totals / steps).tolist(), strict=True))
     return {
         **means,
         "images": images,
@@ -200,7 +203,6 @@ def predict_batch(
     num_stuff_classes: int,
     cfg: PostprocessConfig,
     amp: bool = True,
-    channels_last: bool = False,
 ) -> tuple[KNetOutput, list[dict[str, object]], dict[str, float]]:
     """Forward + post-processing of one batch for each of ``tasks``.
 
@@ -209,11 +211,8 @@ def predict_batch(
     """
     device = batch.images.device
     start = time.perf_counter()
-    images = batch.images
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
-        outputs = model(images)
+        outputs = model(batch.images)
     _sync(device)
     forward = time.perf_counter()
     per_image: list[dict[str, object]] = [{} for _ in range(len(batch))]
@@ -252,9 +251,9 @@ def run_inference(
     model.eval()
     tasks = tuple(tasks)
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        batch = batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True, channels_last=channels_last)
         outputs, per_image, seconds = predict_batch(
-            model, batch, tasks, num_thing_classes, num_stuff_classes, cfg, amp, channels_last
+            model, batch, tasks, num_thing_classes, num_stuff_classes, cfg, amp
         )
         if timings is not None:
             for key, value in seconds.items():

@@ -34,7 +34,7 @@ from knet.config import Config, load_config
 from knet.data.atomic import atomic_directory, write_json_atomic
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
-from knet.engine import run_inference
+from knet.engine import channels_last_on, run_inference
 from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult
@@ -196,7 +196,7 @@ def accumulate_metrics(
         progress=progress,
         on_outputs=kernel_view.add if kernel_view else None,
         timings=timings,
-        channels_last=cfg.train.channels_last and device.type == "cuda",
+        channels_last=channels_last_on(device, cfg.train.channels_last),
     )
     for pred in predictions:
         gt = dataset.ground_truth(pred.index)

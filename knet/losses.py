@@ -180,15 +180,14 @@ class KNetCriterion:
         for b, labels in enumerate(host_labels):
             things = np.flatnonzero(labels < t)
             stuff = np.flatnonzero(labels >= t) if self.num_stuff_classes else things[:0]
-            slots = (labels[stuff] - t).astype(np.int64)
+            slots = labels[stuff] - t
             present = np.unique(slots)
             parts += [things, stuff, slots]
             present_batch.append(np.full(len(present), b))
             present_slot.append(present)
             num_pos += min(num_thing_kernels, len(things)) + len(present)
         parts += [np.concatenate(present_batch), np.concatenate(present_slot)]
-        flat = to_device(np.concatenate([p.astype(np.int64) for p in parts]), device)
-        pieces = flat.split([len(p) for p in parts])
+        pieces = to_device(parts, device)
         return _Layout(
             things=list(pieces[0:-2:3]),
             stuff=list(pieces[1:-2:3]),
@@ -377,9 +376,7 @@ def _matches_to(
     flat = [index.numpy() for matches in rounds for pair in matches for index in pair]
     if not flat:
         return rounds
-    pieces = iter(
-        to_device(np.concatenate(flat).astype(np.int64), device).split([len(f) for f in flat])
-    )
+    pieces = iter(to_device(flat, device))
     return [[(next(pieces), next(pieces)) for _ in matches] for matches in rounds]
 
 

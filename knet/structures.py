@@ -51,7 +51,11 @@ class Targets:
             return None if t is None else t.pin_memory()
 
         return Targets(
-            pin(self.masks), pin(self.labels), pin(self.semantic), pin(self.is_thing), self.labels
+            pin(self.masks),
+            pin(self.labels),
+            pin(self.semantic),
+            pin(self.is_thing),
+            self.host_labels(),
         )
 
     def host_labels(self) -> Tensor:

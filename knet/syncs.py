@@ -51,12 +51,15 @@ def to_host(tensor: Tensor) -> Tensor:
         return tensor.cpu()
 
 
-def to_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """Host-planned indices to ``device`` without a sync: a pinned, asynchronous copy."""
-    tensor = torch.from_numpy(array)
+def to_device(arrays: list[np.ndarray], device: torch.device) -> tuple[Tensor, ...]:
+    """Host-planned integer arrays to ``device`` without a sync, as int64 tensors in order.
+
+    They travel concatenated in one pinned, asynchronous copy and come back as views.
+    """
+    flat = torch.from_numpy(np.concatenate([a.astype(np.int64) for a in arrays]))
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return flat.to(device).split([len(a) for a in arrays])
 
 
 @contextlib.contextmanager

@@ -46,9 +46,15 @@ class Batch:
     image_ids: list[int]
     indices: list[int]  # positions in the dataset (for its ground truth)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+    def to(
+        self, device: torch.device | str, non_blocking: bool = False, channels_last: bool = False
+    ) -> Batch:
+        """The batch on ``device``; ``channels_last`` also puts the images in that format."""
+        images = self.images.to(device, non_blocking=non_blocking)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return Batch(
-            self.images.to(device, non_blocking=non_blocking),
+            images,
             [t.to(device, non_blocking=non_blocking) for t in self.targets],
             self.image_sizes,
             self.output_sizes,
