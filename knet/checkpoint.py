@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from knet.config import Config, config_from_dict
+from knet.data.atomic import OutputExistsError
 from knet.data.categories import Categories
 from knet.model import KNet, build_model
 
@@ -59,6 +60,26 @@ def save_checkpoint(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_checkpoint_output(path: str | Path) -> None:
+    """Refuse to write a checkpoint over anything but a knet checkpoint (or nothing).
+
+    Raises:
+        OutputExistsError: ``path`` is a folder, a link, or a file that is not a checkpoint.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputExistsError(f"checkpoint output {path} exists and is not a file")
+    if not path.exists():
+        return
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        raise OutputExistsError(
+            f"checkpoint output {path} already exists and is not a knet checkpoint; knet only "
+            f"replaces its own checkpoints: set train.output to a new file or remove it yourself"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

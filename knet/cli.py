@@ -98,12 +98,15 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from knet.data.prepare import prepare
+    from knet.data.prepare import EmptyDatasetError, prepare
     from knet.data.validate import DatasetValidationError
 
     cfg = _config(args)
     try:
         manifest = prepare(cfg.data, args.out, strict=args.strict, progress=not args.quiet)
+    except EmptyDatasetError as err:
+        print(f"knet: prepare refused {cfg.data.raw}: {err}", file=sys.stderr)
+        return 1
     except DatasetValidationError as err:
         print(
             f"knet: prepare refused {cfg.data.raw} (nothing was written; --lenient skips "

@@ -31,7 +31,7 @@ from PIL import Image
 
 from knet.checkpoint import load_checkpoint, model_from_checkpoint
 from knet.config import Config, load_config
-from knet.data.atomic import atomic_directory, write_json_atomic
+from knet.data.atomic import atomic_directory, check_output_dir, write_json_atomic
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
 from knet.engine import channels_last_on, run_inference
@@ -76,6 +76,7 @@ def evaluate_checkpoint(
     """
     cfg = load_config(params, overrides)
     ev = cfg.evaluate
+    check_output_dir(out or ev.out, "eval")  # before minutes of loading and inference
     if loaded is None:
         loaded = model_from_checkpoint(load_checkpoint(checkpoint or ev.checkpoint), device=device)
     model, trained, categories = loaded
@@ -114,7 +115,7 @@ def evaluate_model(
     kernel_view = _KernelView(categories.num_things) if kernel_maps and task != "semantic" else None
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "eval") as tmp:
         writer = _PanopticWriter(tmp, categories) if task == "panoptic" else None
         metrics = accumulate_metrics(
             model,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from knet.checkpoint import load_checkpoint, model_from_checkpoint
 from knet.config import Config, apply_override, config_from_dict, load_config
+from knet.data.atomic import check_output_dir, mark_output
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, load_rgb
 from knet.data.prepare import IMAGE_SUFFIXES
@@ -51,6 +53,23 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """One distinct output name per input: the stem, the file name where stems clash, then
+    ``-2``, ``-3``... where whole names clash (same file name in two folders)."""
+    stems = Counter(path.stem for path in paths)
+    names: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        base = path.stem if stems[path.stem] == 1 else path.name
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def predict_checkpoint(
     inputs: Iterable[str | Path],
     checkpoint: str | Path | None,
@@ -67,6 +86,7 @@ def predict_checkpoint(
     ``loaded`` is an already loaded (model, its config, categories), e.g. a registered
     version, used instead of ``checkpoint``.
     """
+    check_output_dir(out, "predict")  # before loading anything
     if loaded is None:
         loaded = model_from_checkpoint(load_checkpoint(checkpoint), device)
     model, trained, categories = loaded
@@ -99,13 +119,26 @@ def predict_images(
     task: str,
     progress: bool = True,
 ) -> PredictSummary:
-    """Write ``<stem>.png`` (overlay with legend) and ``<stem>.json`` (segments) per image."""
+    """Write ``<stem>.png`` (overlay with legend) and ``<stem>.json`` (segments) per image.
+
+    ``out`` must be new, empty or an earlier predict output (:func:`check_output_dir`). Inputs
+    that share a stem (``a.jpg``, ``a.png``) are written as ``a.jpg.png`` and ``a.png.png``.
+    """
     _check_task(model_task, task)
+    check_output_dir(out, "predict")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "predict")
     summary = PredictSummary()
     model.eval()
-    for path in tqdm(expand_inputs(inputs), desc="predict", unit="img", disable=not progress):
+    paths = expand_inputs(inputs)
+    for path, name in tqdm(
+        zip(paths, output_names(paths), strict=True),
+        total=len(paths),
+        desc="predict",
+        unit="img",
+        disable=not progress,
+    ):
         try:
             image = load_rgb(path)
         except Exception as err:  # PIL raises several types for unreadable files
@@ -115,8 +148,8 @@ def predict_images(
             continue
         result = predict_image(model, model_task, categories, cfg, image, task)
         picture, segments = _render(image, result, task, categories)
-        picture.save(out / f"{path.stem}.png")
-        (out / f"{path.stem}.json").write_text(
+        picture.save(out / f"{name}.png")
+        (out / f"{name}.json").write_text(
             json.dumps(
                 {
                     "image": str(path),
@@ -128,7 +161,7 @@ def predict_images(
                 indent=1,
             )
         )
-        summary.written.append(str(out / f"{path.stem}.png"))
+        summary.written.append(str(out / f"{name}.png"))
     return summary
 
 

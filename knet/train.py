@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from knet.checkpoint import load_checkpoint, save_checkpoint
+from knet.checkpoint import check_checkpoint_output, load_checkpoint, save_checkpoint
 from knet.config import Config, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.dataset import build_dataset, build_loader
@@ -150,7 +150,9 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Fail fast with a clear message: missing prepared data, unusable tracking URI."""
+    """Fail fast with a clear message: missing prepared data, an output that is not knet's
+    checkpoint, unusable tracking URI."""
+    check_checkpoint_output(cfg.train.output)
     for split in (cfg.data.train_split, cfg.data.val_split):
         index = Path(cfg.data.prepared) / split / "index.json"
         if not index.exists():
@@ -214,6 +216,7 @@ def publish(checkpoint: str | Path, cfg: Config) -> str:
     ``<its stem>_history.json`` one entry per epoch (the DVC plots).
     """
     output = Path(cfg.train.output)
+    check_checkpoint_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.copyfile(checkpoint, tmp)

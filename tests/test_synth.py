@@ -270,8 +270,9 @@ def test_custom_split_names_and_layout(tmp_path):
 
 def test_failure_midway_keeps_the_previous_dataset(tmp_path, monkeypatch):
     root = tmp_path / "raw"
-    root.mkdir()
+    synth.generate(root, CFG, progress=False, workers=1)  # knet's own, so it may be replaced
     (root / "marker.txt").write_text("old")
+    before = sorted(p.name for p in root.iterdir())
     calls = {"n": 0}
     write = synth._write_sample
 
@@ -286,7 +287,7 @@ def test_failure_midway_keeps_the_previous_dataset(tmp_path, monkeypatch):
         synth.generate(root, CFG, progress=False, workers=1)
     assert calls["n"] == 3
     assert (root / "marker.txt").read_text() == "old"
-    assert sorted(p.name for p in root.iterdir()) == ["marker.txt"]
+    assert sorted(p.name for p in root.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no temp folder left
 
     monkeypatch.setattr(synth, "_write_sample", write)
@@ -294,6 +295,16 @@ def test_failure_midway_keeps_the_previous_dataset(tmp_path, monkeypatch):
     assert not (root / "marker.txt").exists()
     assert dataset_paths(DATA, DATA.train_split, root).panoptic_json.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no backup left either
+
+
+def test_a_folder_knet_did_not_write_is_never_replaced(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="files knet did not write"):
+        synth.generate(root, CFG, progress=False, workers=1)
+    assert [p.name for p in root.iterdir()] == ["mine.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
 def test_equal_split_names_are_refused(tmp_path):

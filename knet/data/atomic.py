@@ -14,16 +14,70 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+MARKER = ".knet-output.json"
+"""The file that marks a folder as knet's own output of one kind (``{"kind": ...}``)."""
+
+
+class OutputExistsError(ValueError):
+    """An output path that holds something knet did not write; nothing was touched."""
+
+
+def output_kind(folder: str | Path) -> str | None:
+    """The kind recorded in ``folder``'s marker, or None if it has no readable marker."""
+    marker = Path(folder) / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        kind = json.loads(marker.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def check_output_dir(target: str | Path, kind: str) -> None:
+    """Refuse ``target`` unless knet may write there: new, empty, or knet's own ``kind`` output.
+
+    This is the only rule under which knet replaces or writes into an existing folder (as DVC
+    never deletes a workspace file it does not track): a folder that holds anything else,
+    a file, or a symbolic link raises :class:`OutputExistsError` naming it and the marker.
+    """
+    path = Path(target)
+    if path.is_symlink():
+        raise OutputExistsError(f"output {target} is a symbolic link; give a new folder")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputExistsError(f"output {target} is an existing file, not a folder")
+    if not any(path.iterdir()):
+        return
+    found = output_kind(path)
+    if found == kind:
+        return
+    what = f"knet's {found} output" if found else "files knet did not write"
+    raise OutputExistsError(
+        f"output {target} already exists and holds {what}; knet only replaces an empty "
+        f"folder or its own {kind} output (marked by {MARKER}): choose a new folder, or "
+        f"remove it yourself"
+    )
+
+
+def mark_output(folder: str | Path, kind: str) -> None:
+    """Write the marker that lets a later run of the same kind replace ``folder``."""
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, kind: str) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``target``; on success it replaces ``target``.
 
-    On an exception (or Ctrl-C) the temporary folder is removed and an existing ``target`` is
-    left exactly as it was. The swap moves the old folder aside, renames the new one in and
-    only then deletes the old one. Temporary and backup folders are named after the process,
-    so ones left behind by a killed run are removed by the next run.
+    ``target`` must pass :func:`check_output_dir` for ``kind`` (checked first, and again just
+    before the swap); the new folder is marked as ``kind`` output. On an exception (or Ctrl-C)
+    the temporary folder is removed and an existing ``target`` is left exactly as it was. The
+    swap moves the old folder aside, renames the new one in and only then deletes the old one.
+    Temporary and backup folders are named after the process, so ones left behind by a killed
+    run are removed by the next run.
     """
+    check_output_dir(target, kind)
     target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
@@ -32,6 +86,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mark_output(tmp, kind)
+        check_output_dir(target, kind)  # something may have appeared there meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from knet.config import DataConfig
-from knet.data.atomic import atomic_directory
+from knet.data.atomic import atomic_directory, check_output_dir
 from knet.data.categories import Categories
 from knet.data.layout import DatasetPaths, confined, dataset_paths
 from knet.data.validate import DatasetValidationError, ValidationReport, validate_split
@@ -58,6 +58,7 @@ class SplitSummary:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    num_categories: int = 0
 
     def to_json(self) -> dict[str, Any]:
         sizes = {}
@@ -102,6 +103,7 @@ def prepare(
         DatasetValidationError: strict mode and the dataset has errors.
     """
     out = Path(cfg.prepared if out is None else out)
+    check_output_dir(out, "prepared")  # before minutes of validation
     splits = list(dict.fromkeys([cfg.train_split, cfg.val_split]))  # once when they are equal
     reports = {}
     for split in splits:
@@ -120,7 +122,7 @@ def prepare(
         "index_version": INDEX_VERSION,
         "splits": {},
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "prepared") as tmp:
         for split in splits:
             summary = prepare_split(
                 dataset_paths(cfg, split),
@@ -130,9 +132,28 @@ def prepare(
                 progress=progress,
             )
             manifest["splits"][split] = summary.to_json()
+            _refuse_empty(summary, split, cfg)
         manifest["content_hash"] = content_hash(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+class EmptyDatasetError(ValueError):
+    """Preparation would publish a split with no images or a dataset with no categories."""
+
+
+def _refuse_empty(summary: SplitSummary, split: str, cfg: DataConfig) -> None:
+    """Never publish less than something: an empty split would replace a good dataset."""
+    if summary.images == 0:
+        raise EmptyDatasetError(
+            f"split {split!r} of {cfg.raw} has no usable images ({len(summary.skipped)} "
+            f"problems skipped; check data.images={cfg.images!r} and the annotation paths); "
+            f"nothing was written"
+        )
+    if summary.num_categories == 0:
+        raise EmptyDatasetError(
+            f"split {split!r} of {cfg.raw} lists no categories; nothing was written"
+        )
 
 
 def prepare_split(
@@ -150,6 +171,7 @@ def prepare_split(
     summary.skipped = [str(p) for p in report.errors]
     summary.notes = [str(p) for p in report.problems if p.level == "info"]
     categories, records = _read_split(paths, fmt, bad, out)
+    summary.num_categories = len(categories.names)
     images = []
     with open(out / "segments.jsonl", "wb") as segments_file:
         for record, segments in tqdm(

@@ -673,7 +673,7 @@ def generate(
         root,
         workers,
     )
-    with atomic_directory(root) as tmp_root:
+    with atomic_directory(root, "synth") as tmp_root:
         pool: ProcessPoolExecutor | None = None
         if workers > 1:
             context = multiprocessing.get_context("spawn")
