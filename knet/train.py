@@ -12,6 +12,7 @@ restarts from it (``train.max_failures``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,30 +250,87 @@ def connect(address: str | None, dashboard: bool = False) -> None:
         return
     # Ray Train V2 turns every print() of a worker into a log record and also tees it, so each
     # epoch line came twice and pycocotools' summary escaped redirect_stdout; plain prints.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    # The setup hook runs in every worker process of the job (Ray Train's placement-group
+    # cleaner included) and silences its repeated State-API warning.
+    runtime_env = {
+        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        "worker_process_setup_hook": "knet.train.quiet_ray_worker",
+    }
     try:
         if address:  # a running cluster: its auth mode is the cluster's (RAY_AUTH_MODE, token)
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
-            # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput. The
-            # price is a "State API may be temporarily unavailable" warning from Ray Train's
-            # placement-group cleaner; for the dashboard, start a head (README) and --address.
-            # address="local": always a new instance, never a cluster that `ray start` left
-            # in /tmp/ray/ray_current_cluster (a stopped head there made ray.init hang).
-            ray.init(
-                address="local",
-                include_dashboard=dashboard,
-                dashboard_host="127.0.0.1",
-                log_to_driver=True,
-                runtime_env=runtime_env,
-            )
+            # Auth is off, so nothing may listen beyond this machine: with this variable every
+            # listener of the local instance (GCS, raylet, object manager) binds to 127.0.0.1.
+            # It is read when Ray is imported (the driver's copy is set too) and when Ray's
+            # processes start, so it is set only around ray.init.
+            with _loopback_only():
+                # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput.
+                # Ray Train's placement-group cleaner then warns that the State API is
+                # unavailable (quiet_ray_worker drops that); for the dashboard, start a head
+                # (README) and --address. address="local": always a new instance, never a
+                # cluster that `ray start` left in /tmp/ray/ray_current_cluster (a stopped
+                # head there made ray.init hang).
+                ray.init(
+                    address="local",
+                    include_dashboard=dashboard,
+                    dashboard_host="127.0.0.1",
+                    log_to_driver=True,
+                    runtime_env=runtime_env,
+                )
     except ValueError as err:  # e.g. a job's runtime_env that clashes with knet's: not transient
         raise TrainSetupError(f"cannot join the Ray cluster at {address!r}: {err}") from None
     except (ConnectionError, RuntimeError) as err:
         raise ServiceUnreachableError(
             f"cannot connect to the Ray cluster at {address!r}: {err}"
         ) from None
+
+
+# Ray's switch that binds every listener of a new local instance to 127.0.0.1.
+LOCAL_ONLY_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start Ray's processes with :data:`LOCAL_ONLY_VAR` off: node IP 127.0.0.1, so every
+    listener binds to loopback (``tests/test_local_ray.py`` reads their sockets)."""
+    from ray._private import ray_constants  # the driver read the variable at import
+
+    previous = os.environ.get(LOCAL_ONLY_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            os.environ.pop(LOCAL_ONLY_VAR, None)
+        else:
+            os.environ[LOCAL_ONLY_VAR] = previous[0]
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+class _DropStateApiWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "State API may be temporarily unavailable" not in record.getMessage()
+
+
+def quiet_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for knet's jobs.
+
+    Without the dashboard (the local default), Ray Train's placement-group cleaner cannot ask
+    the State API whether the controller lives and warns about it every few seconds: 578 of
+    the 1,217 lines of a 3-epoch ``make pipeline``. Only that message is dropped.
+    """
+    logging.getLogger(PG_CLEANER_LOGGER).addFilter(_DropStateApiWarning())
+    # Ray Train names this module's logger by its file path, so LoggingConfig's level does not
+    # reach its "Reporting training result ..." line (one per epoch, the whole metrics dict).
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -324,7 +383,7 @@ def build_trainer(
     loop_config: dict[str, Any], cfg: Config, run_name: str, callbacks: list | None = None
 ):
     """The TorchTrainer of a run (``knet tune`` builds the same one per trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # This run's value (a process may train several configs, e.g. a flow).
@@ -356,6 +415,9 @@ def build_trainer(
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's INFO lines ("Reporting training result ...", "Checkpoint successfully
+            # created ...") came twice per epoch; its warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
