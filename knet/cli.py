@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from knet.config import Config, ConfigError, load_config
+from knet.data.atomic import dumps
 
 
 def _add_params_args(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +99,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from knet.data.prepare import EmptyDatasetError, prepare
+    from knet.data.prepare import EmptyDatasetError, prepare, scale_advice
     from knet.data.validate import DatasetValidationError
 
     cfg = _config(args)
@@ -121,6 +122,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             f"{len(info['skipped'])} problems skipped, {info['images_per_second']} img/s"
         )
     print(f"wrote {out} (content hash {manifest['content_hash'][:12]})")
+    advice = scale_advice(manifest["splits"][cfg.data.train_split], cfg.data.test_size)
+    if advice:
+        print(f"knet: warning: {advice}", file=sys.stderr)
     return 0
 
 
@@ -165,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         loaded=loaded,
     )
-    print(json.dumps(metrics, indent=2))
+    print(dumps(metrics, indent=2))
     return 0
 
 
@@ -199,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = summary.get("final", {})
     shown = {k: v for k, v in final.items() if k.startswith("val_") or k == "loss"}
     print(f"run {summary['run_name']}: {summary['epochs']} epochs in {summary['seconds']} s")
-    print(json.dumps(shown, indent=2))
+    print(dumps(shown, indent=2))
     print(f"final checkpoint: {summary['checkpoint']}")
     hosts = summary.get("worker_hosts") or []
     speeds = summary.get("worker_images_per_s") or [None] * len(hosts)

@@ -30,7 +30,7 @@ import torch
 
 from knet.checkpoint import load_checkpoint, model_from_checkpoint
 from knet.config import Config, config_from_dict
-from knet.data.atomic import write_json_atomic
+from knet.data.atomic import dumps, write_json_atomic
 from knet.data.categories import Categories
 from knet.model import KNet
 
@@ -65,7 +65,7 @@ def write_model_files(payload: dict[str, Any], folder: Path) -> tuple[Path, Path
         "config": payload["config"],
         "categories": payload["categories"],
     }
-    config.write_text(json.dumps(meta, indent=1))
+    config.write_text(dumps(meta, indent=1))
     return weights, config
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from knet.checkpoint import check_checkpoint_output, load_checkpoint, save_check
 from knet.config import Config, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.dataset import build_dataset, build_loader
+from knet.data.prepare import scale_advice
 from knet.engine import NonFiniteLossError, accelerate, train_one_epoch
 from knet.evaluate import accumulate_metrics, summarize
 from knet.losses import KNetCriterion
@@ -155,6 +157,7 @@ def check_inputs(cfg: Config) -> None:
     """Fail fast with a clear message: missing prepared data, an output that is not knet's
     checkpoint, unusable tracking URI."""
     check_checkpoint_output(cfg.train.output)
+    _warn_about_scale(cfg)
     for split in (cfg.data.train_split, cfg.data.val_split):
         index = Path(cfg.data.prepared) / split / "index.json"
         if not index.exists():
@@ -169,6 +172,18 @@ def check_inputs(cfg: Config) -> None:
             raise ServiceUnreachableError(str(err)) from None
         except RuntimeError as err:
             raise TrainSetupError(str(err)) from None
+
+
+def _warn_about_scale(cfg: Config) -> None:
+    """Say before training when the prepared things are too small for the mask stride."""
+    manifest = Path(cfg.data.prepared) / "manifest.json"
+    try:
+        split = json.loads(manifest.read_text())["splits"][cfg.data.train_split]
+    except (OSError, ValueError, KeyError):
+        return
+    advice = scale_advice(split, cfg.data.test_size)
+    if advice:
+        log.warning("knet: warning: %s", advice)
 
 
 def _train_on_ray(

@@ -202,3 +202,13 @@ def test_train_never_writes_its_checkpoint_over_a_file_that_is_not_one(project):
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
     assert snapshot(project) == before
+
+
+def test_json_outputs_are_valid_json_with_null_for_nan(tmp_path):
+    from knet.data.atomic import write_json_atomic
+
+    path = tmp_path / "m.json"
+    write_json_atomic(path, {"ap": float("nan"), "pq": 1.5, "h": [float("inf"), {"x": 2.0}]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"ap": None, "pq": 1.5, "h": [None, {"x": 2.0}]}

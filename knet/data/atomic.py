@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -133,14 +134,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every NaN / infinite float replaced by None, so it is valid JSON.
+
+    Python's ``json`` writes a bare ``NaN``, which no JSON parser but Python's accepts; knet
+    writes ``null`` for a metric that has no value (e.g. AP_l when the split has no large
+    object), as the README states.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    return data
+
+
+def dumps(data: Any, **dump_kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` data; refuses anything that is still not JSON."""
+    return json.dumps(json_safe(data), allow_nan=False, **dump_kwargs)
+
+
 def write_json_atomic(path: str | Path, data: Any, **dump_kwargs: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    """Write valid JSON (NaN as null, :func:`json_safe`) to a temporary file in the same
+    folder, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, **dump_kwargs)
+            f.write(dumps(data, **dump_kwargs))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -59,6 +60,8 @@ class SplitSummary:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     num_categories: int = 0
+    # sqrt(area) / shorter image side of every non-crowd thing segment (scale advice).
+    thing_sizes: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         sizes = {}
@@ -77,6 +80,7 @@ class SplitSummary:
             "crowd_segments": self.crowd_segments,
             "segments_per_class": dict(sorted(self.per_class.items())),
             "image_sizes": sizes,
+            "thing_sizes": _quantiles(self.thing_sizes),
             "skipped": self.skipped,
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
@@ -138,6 +142,45 @@ def prepare(
     return manifest
 
 
+def _quantiles(values: list[float]) -> dict[str, float]:
+    """Count and 10 / 50 / 90 % quantiles (empty dict for no values)."""
+    if not values:
+        return {}
+    q = np.quantile(np.asarray(values), [0.1, 0.5, 0.9])
+    return {
+        "count": len(values),
+        "p10": round(float(q[0]), 4),
+        "p50": round(float(q[1]), 4),
+        "p90": round(float(q[2]), 4),
+    }
+
+
+MASK_STRIDE = 8  # the update rounds' mask map (spec §3); masks are upsampled x2 from it
+
+
+def scale_advice(split: dict[str, Any], test_size: int, min_cells: float = 2.5) -> str | None:
+    """A warning when the split's typical thing is only a few cells of the stride-8 mask map.
+
+    ``split`` is one split's entry of the manifest; sizes are taken at the test scale (shorter
+    side ``data.test_size``). Returns None when the median thing spans ``min_cells`` or more.
+    """
+    sizes = split.get("thing_sizes") or {}
+    if not sizes:
+        return None
+    cells = {k: sizes[k] * test_size / MASK_STRIDE for k in ("p10", "p50", "p90")}
+    if cells["p50"] >= min_cells:
+        return None
+    needed = math.ceil(min_cells * MASK_STRIDE / sizes["p50"] / 32) * 32
+    return (
+        f"things are small for K-Net's stride-{MASK_STRIDE} masks: at data.test_size="
+        f"{test_size} the median thing is {sizes['p50'] * test_size:.0f} px across, "
+        f"{cells['p50']:.1f} mask cells (10 % of them under {cells['p10']:.1f}); thin or small "
+        f"objects will be missed. Train and test larger: data.test_size={needed} with "
+        f"data.min_size / data.max_size scaled alike (the masks need about {min_cells:g} "
+        f"cells across)"
+    )
+
+
 class EmptyDatasetError(ValueError):
     """Preparation would publish a split with no images or a dataset with no categories."""
 
@@ -187,6 +230,9 @@ def prepare_split(
                 summary.segments += 1
                 summary.crowd_segments += int(seg["iscrowd"])
                 summary.per_class[categories.names[seg["category"]]] += 1
+                if categories.is_thing[seg["category"]] and not seg["iscrowd"] and "area" in seg:
+                    shorter = min(record["height"], record["width"])
+                    summary.thing_sizes.append(math.sqrt(seg["area"]) / shorter)
     index = {
         "version": INDEX_VERSION,
         "split": paths.split,
