@@ -7,7 +7,6 @@ servers``), the run is recorded on that server. Prints the flow's summary and wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from knet.data.atomic import dumps
     from pipelines.flows import ablate_knet, train_knet
 
     common = dict(
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = ablate_knet(**common)
     seconds = time.perf_counter() - start
     print(f"\n== {args.flow} finished in {seconds:.0f} s")
-    print(json.dumps(summary, indent=2, default=str))
+    print(dumps(summary, indent=2, default=str))
     if args.flow == "train-knet":
         champion = "became champion" if summary["decision"] == "promoted" else "was rejected"
         print(

@@ -151,8 +151,16 @@ def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path, form):
             if (ROOT / name).is_file():
                 (copy / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / name, copy / name)
+        # The Train worker's loop announces itself (its lines carry "RayTrainWorker"; an
+        # import-time print runs in the worker setup hook, before the actor has its name).
         with (copy / "knet" / "train.py").open("a") as module:
-            module.write(f"\nprint({marker!r}, flush=True)\n")
+            module.write(
+                f"\nprint({marker!r}, flush=True)\n"
+                "_shipped_loop = train_loop_per_worker\n\n"
+                "def train_loop_per_worker(loop_config, ctx=None):\n"
+                f"    print({marker!r}, flush=True)\n"
+                "    return _shipped_loop(loop_config, ctx)\n"
+            )
         train = ["python", "-m", "knet", *train[1:]]
         ship = [f"--working-dir={copy}"]
     submit = [

@@ -47,6 +47,7 @@ def models(tmp_path_factory):
             "tracking.enabled=false",
             "data.train_split=val",  # fit the split the gate evaluates on: a clear ranking
             f"train.epochs={epochs}",
+            "optim.lr_steps=[]",  # full LR throughout: 40 epochs are 80 steps here
             f"train.eval_every={epochs}",
             f"train.output={tmp / f'{name}.pt'}",
             f"train.metrics={tmp / 'metrics' / f'{name}.json'}",

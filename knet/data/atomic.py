@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MARKER = ".knet-output.json"
+MARKER = ".knet-output"  # JSON; no .json suffix, so a glob of the results never lists it
 """The file that marks a folder as knet's own output of one kind (``{"kind": ...}``)."""
 
 
