@@ -142,6 +142,20 @@ def systems_markdown(sys_row: dict) -> list[str]:
         f"| train-knet flow ({sys_row['flow_epochs']} epochs), wall | {sys_row['flow_wall_s']} s |",
     ]
     lines += [f"| flow stage: {k} | {v} s |" for k, v in sys_row["flow_stage_s"].items()]
+    quality = sys_row.get("time_to_quality")
+    if quality:
+        target, final = quality["target_pq"], quality["final"]
+        reached = (
+            f"{quality['seconds_to_target']:.0f} s (epoch {quality['epoch_at_target']})"
+            if quality["seconds_to_target"] is not None
+            else "not reached"
+        )
+        lines += [
+            f"| `knet train` (default data, Ray 1 worker, validation every epoch): "
+            f"wall s to the first val PQ >= {target:g} | {reached} |",
+            f"| the same run: final val PQ / PQ_th, wall s | {final['pq']} / {final['pq_th']}, "
+            f"{quality['wall_s']:.0f} s |",
+        ]
     return lines
 
 

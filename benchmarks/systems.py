@@ -14,6 +14,10 @@ line.
   everything up to date (what every flow run pays before training).
 - the train-knet flow (``make pipeline``) for ``--flow-epochs`` on that data: its own per-stage
   seconds (``stage_s`` of the summary) and the wall time including the ephemeral Prefect API.
+- time to a good model: on the full default data (a second scratch project), ``knet train`` as
+  a user types it (Ray Train, 1 worker) with validation after every epoch; the wall seconds
+  from the command's start to the first validation line with PQ >= ``--quality-pq``
+  (``--skip-quality`` leaves it out: it trains the whole default schedule).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -116,6 +121,62 @@ def train_speed(
     return {"images_per_s": statistics.median(rates), "wall_s": seconds, "epochs": epochs}
 
 
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+loss \S+\s+pq ([\d.]+) pq_th ([\d.]+)")
+
+
+def time_to_quality(project: Path, target_pq: float, workers: int = 1) -> dict:
+    """``knet train`` on ``project``'s data, validating every epoch; wall seconds from the
+    command's start to each validation line (read as the driver prints it) and to the first
+    with PQ >= ``target_pq``."""
+    run = project / f"quality-{workers}"
+    overrides = [
+        f"train.num_workers={workers}",
+        "train.eval_every=1",
+        "tracking.enabled=false",
+        f"train.storage_path={run / 'ray'}",
+        f"train.output={run / 'model.pt'}",
+        f"train.metrics={run / 'train.json'}",
+        "train.run_name=bench-quality",
+    ]
+    env = {**environment(project), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    curve = []
+    with subprocess.Popen(
+        ["knet", "train", "--set", *overrides],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            found = EPOCH_LINE.search(line)
+            if found:
+                epoch, _, pq, pq_th = found.groups()
+                seconds = round(time.perf_counter() - start, 1)
+                curve.append(
+                    {"epoch": int(epoch), "pq": float(pq), "pq_th": float(pq_th), "s": seconds}
+                )
+    if proc.returncode:
+        raise RuntimeError(f"knet train exited {proc.returncode} in {project}")
+    reached = next((c for c in curve if c["pq"] >= target_pq), None)
+    return {
+        "target_pq": target_pq,
+        "workers": workers,
+        "seconds_to_target": reached["s"] if reached else None,
+        "epoch_at_target": reached["epoch"] if reached else None,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "final": curve[-1] if curve else None,
+        "curve": curve,
+    }
+
+
+def measure_quality(args: argparse.Namespace) -> dict:
+    """Time to ``--quality-pq`` on the full default data, in its own scratch project."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["synth"]
+    with tempfile.TemporaryDirectory(prefix="knet-bench-quality-") as tmp:
+        project = scratch_project(Path(tmp), params["train_images"], params["val_images"])
+        timed_run(["dvc", "repro", "prepare"], project)
+        return time_to_quality(project, args.quality_pq)
+
+
 def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="knet-bench-") as tmp:
         project = scratch_project(Path(tmp), args.train_images, args.val_images)
@@ -139,6 +200,7 @@ def measure(args: argparse.Namespace) -> dict:
         "flow_stage_s": flow["stage_s"],
         "flow_wall_s": round(flow["wall_s"], 1),
         "flow_pq": flow["metrics"].get("pq"),
+        "time_to_quality": None if args.skip_quality else measure_quality(args),
     }
 
 
@@ -148,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-images", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=4, help="plain vs Ray Train epochs")
     parser.add_argument("--flow-epochs", type=int, default=2, help="train-knet flow epochs")
-    print(json.dumps(measure(parser.parse_args(argv))))
+    parser.add_argument("--quality-pq", type=float, default=50.0, help="time to this val PQ")
+    parser.add_argument("--skip-quality", action="store_true", help="no time-to-quality run")
+    parser.add_argument(
+        "--only-quality", action="store_true", help="only the time-to-quality run (one JSON line)"
+    )
+    args = parser.parse_args(argv)
+    print(json.dumps(measure_quality(args) if args.only_quality else measure(args)))
     return 0
 
 

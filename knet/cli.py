@@ -287,6 +287,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the error into a usage line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
@@ -382,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the mean kernel activations and per-stage masks "
         "(default: evaluate.kernel_maps)",
     )
-    evaluate.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    evaluate.add_argument(
+        "--max-images", type=_positive_int, help="evaluate only the first N images (N >= 1)"
+    )
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_evaluate)

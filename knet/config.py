@@ -12,10 +12,12 @@ dataset's categories and are passed to :func:`knet.model.build_model` next to ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -327,6 +329,12 @@ class TuneConfig:
                 raise ConfigError(f"tune.{key} lists a value twice: {list(values)}")
 
 
+# The metrics of knet evaluate a promotion may gate on (higher is better for each).
+QUALITY_METRICS = (
+    "pq", "pq_th", "pq_st", "sq", "rq", "ap", "ap50", "ap75", "aps", "apm", "apl", "miou", "acc",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     """``knet promote``: the registered model and the gate a challenger must pass."""
@@ -343,6 +351,13 @@ class RegistryConfig:
     split: str = ""
     # The decision and both scores (DVC-style metrics file).
     output: str = "metrics/promotion.json"
+
+    def __post_init__(self) -> None:
+        if self.metric and self.metric not in QUALITY_METRICS:
+            raise ConfigError(
+                f"registry.metric must be a quality metric ({', '.join(QUALITY_METRICS)}) or "
+                f"empty for the task's headline; got {self.metric!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -439,8 +454,35 @@ _RANGES: dict[str, tuple[float, float]] = {
     "tune.reduction_factor": (2, 100),
     "tune.max_concurrent_trials": (0, 100000),
     "tune.max_failures": (-1, 1000),
-    "registry.min_improvement": (-100.0, 100.0),
+    # A challenger must beat the champion by at least this much: never a negative margin.
+    "registry.min_improvement": (0.0, 100.0),
     "optim.warmup_ratio": (0.0, 1.0),
+    "optim.weight_decay": (0.0, 10.0),
+    "optim.backbone_lr_mult": (0.0, 100.0),
+    "optim.clip_grad_norm": (0.0, 1e6),  # 0: no clipping
+    "optim.warmup_iters": (0, 10_000_000),
+    "optim.lr_steps": (1, 100000),
+    "optim.lr_gamma": (0.0, 1.0),
+    "loss.cls_weight": (0.0, 1000.0),
+    "loss.mask_weight": (0.0, 1000.0),
+    "loss.dice_weight": (0.0, 1000.0),
+    "loss.rank_weight": (0.0, 1000.0),
+    "loss.seg_weight": (0.0, 1000.0),
+    "loss.semantic_weight": (0.0, 1000.0),
+    "loss.focal_alpha": (0.0, 1.0),
+    "loss.focal_gamma": (0.0, 10.0),
+    "loss.match_cls_cost": (0.0, 1000.0),
+    "loss.match_dice_cost": (0.0, 1000.0),
+    "loss.match_mask_cost": (0.0, 1000.0),
+    "model.backbone.base_channels": (8, 1024),
+    "model.num_groups": (1, 4096),
+    "model.ffn_channels": (1, 65536),
+    "model.kernel_init_std": (1e-6, 100.0),
+    "data.min_size": (16, 100_000),
+    "data.max_size": (16, 100_000),
+    "data.test_size": (16, 100_000),
+    "data.semantic_ignore": (0, 65535),
+    "train.seed": (0, 2**31 - 1),
 }
 _CHOICES: dict[str, tuple[int, ...]] = {"model.backbone.depth": (18, 34, 50, 101)}
 
@@ -465,10 +507,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"params file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"params file {path} is a directory") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if data is None:
+            # An empty file would otherwise run the built-in COCO R-50 defaults unannounced.
+            raise ConfigError(f"{path} is empty; a params file holds the sections of params.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for item in overrides:
@@ -555,14 +602,17 @@ def _convert_scalar(hint: type, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it means.
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number; got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -338,13 +338,16 @@ def _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow)
                 timings["evaluate_champion_s"] = time.perf_counter() - began
             best = scores[champion][metric]
             before = before or {"version": int(champion), metric: best}
-            if not score - best >= cfg.registry.min_improvement:
+            if not math.isfinite(best):  # a NaN champion must not block every finite model
+                reason = f"{metric} {score:.2f} replaces champion v{champion} ({metric} is NaN)"
+            elif not score - best >= cfg.registry.min_improvement:
                 reason = (
                     f"{metric} {score:.2f} does not beat champion v{champion} ({best:.2f}) by "
                     f"registry.min_improvement={cfg.registry.min_improvement}"
                 )
                 return _decided("rejected", "rejected", reason, before, champion)
-            reason = f"{metric} {score:.2f} beats champion v{champion} ({best:.2f})"
+            else:
+                reason = f"{metric} {score:.2f} beats champion v{champion} ({best:.2f})"
             client.set_registered_model_alias(name, "previous", champion)
             client.set_model_version_tag(name, version, "promoted_from", champion)
         client.set_registered_model_alias(name, "champion", version)

@@ -80,6 +80,18 @@ def test_unknown_nested_and_section_keys():
         ("data.min_size=[96,abc]", r"data\.min_size\[1\] must be int"),
         ("model.backbone=3", r"model\.backbone must be a mapping"),
         ("data.synth.thing_colors=grey", r"data\.synth\.thing_colors must be one of class"),
+        # Every number is bounded and finite (issue 18): these ran silently before.
+        ("optim.weight_decay=-0.05", r"optim\.weight_decay must be between 0\.0 and 10\.0"),
+        ("loss.cls_weight=.nan", r"loss\.cls_weight must be a finite number"),
+        ("loss.dice_weight=-4", r"loss\.dice_weight must be between 0\.0 and 1000\.0"),
+        ("optim.lr=.inf", r"optim\.lr must be a finite number"),
+        ("optim.lr=nan", r"optim\.lr must be a finite number"),
+        ("data.test_size=0", r"data\.test_size must be between 16 and 100000"),
+        ("data.min_size=[0]", r"data\.min_size\[0\] must be between 16 and 100000"),
+        ("optim.lr_gamma=2", r"optim\.lr_gamma must be between 0\.0 and 1\.0"),
+        ("train.seed=-1", r"train\.seed must be between 0 and"),
+        ("registry.min_improvement=-100", r"registry\.min_improvement must be between 0\.0"),
+        ("registry.metric=seconds", r"registry\.metric must be a quality metric \(pq, "),
     ],
 )
 def test_wrong_types_and_ranges_name_the_key(override, pattern):
@@ -120,6 +132,12 @@ def test_bad_override_syntax_and_bad_files(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml is empty"):
+        load_config(empty)  # not the built-in COCO R-50 defaults, unannounced
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping of sections"):

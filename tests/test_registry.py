@@ -324,3 +324,26 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_nan_champion_is_replaced_by_any_finite_challenger(tmp_path):
+    """The gate itself on a real sqlite registry: a champion whose score is NaN (a diverged
+    model promoted by an older knet) must not block every later model."""
+    import mlflow
+
+    from knet.config import load_config
+    from knet.registry import _gate
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("knet-panoptic")
+    for _ in range(2):
+        client.create_model_version("knet-panoptic", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("knet-panoptic", "champion", "1")
+    cfg = load_config(ROOT / "params.yaml", [f"tracking.uri={uri}"])
+    scores = {"1": {"pq": float("nan")}, "2": {"pq": 5.0}}
+    decision = _gate(client, cfg, "knet-panoptic", "2", "pq", scores, {}, 0.0, mlflow)
+    assert decision["decision"] == "promoted", decision
+    assert "is NaN" in decision["reason"]
+    aliases = {k: str(v) for k, v in client.get_registered_model("knet-panoptic").aliases.items()}
+    assert aliases == {"champion": "2", "previous": "1"}
