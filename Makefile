@@ -61,11 +61,14 @@ mlflow-ui: install
 
 # The main command: the train-knet flow end to end on the embedded defaults (ephemeral Prefect
 # API, a local Ray instance, sqlite MLflow, synthetic data through DVC): params.yaml's 8 epochs.
-# PIPELINE_EPOCHS=N trains N epochs with the LR decay before the last (a quicker look).
+# PIPELINE_EPOCHS=N trains N epochs with the LR decay before the last (a quicker look);
+# PIPELINE_SET="train.seed=1 ..." adds --set overrides.
 PIPELINE_EPOCHS ?=
+PIPELINE_SET ?=
 pipeline: install
 	$(BIN)/python -m pipelines train-knet $(if $(PIPELINE_EPOCHS),--epochs $(PIPELINE_EPOCHS) \
-	  --set "optim.lr_steps=[$(shell expr $(PIPELINE_EPOCHS) - 1)]")
+	  --set "optim.lr_steps=[$(shell expr $(PIPELINE_EPOCHS) - 1)]") \
+	  $(if $(PIPELINE_SET),--set $(PIPELINE_SET))
 
 # MLflow :5000, Prefect :4200 (work pool + worker), Ray head :8265 on 127.0.0.1; deploys the flows.
 servers: install

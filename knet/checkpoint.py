@@ -95,7 +95,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} is not a knet checkpoint (expected keys {', '.join(REQUIRED_KEYS)})"
         )
-    if payload["version"] > CHECKPOINT_VERSION:
+    version = payload["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(
+            f"{path}: checkpoint version must be a positive integer; got {version!r}"
+        )
+    if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
+        raise CheckpointError(
+            f"{path} is not a knet checkpoint (config and model must be mappings)"
+        )
+    if version > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint version {payload['version']}; this knet reads "
             f"up to {CHECKPOINT_VERSION}"
@@ -113,7 +122,14 @@ def model_from_checkpoint(
     backbone = dataclasses.replace(cfg.model.backbone, weights=None)
     model_cfg = dataclasses.replace(cfg.model, backbone=backbone)
     model = build_model(model_cfg, categories.num_things, categories.num_stuff)
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:  # torch lists every mismatch over many lines
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit the model its own config describes "
+            f"({cfg.model.task}, {cfg.model.num_kernels} kernels): {first}"
+        ) from None
     return model.to(device).eval(), cfg, categories
 
 

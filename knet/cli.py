@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -287,6 +288,25 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (a usage error otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: knet runs on cpu or cuda")
+    return text
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse turns the error into a usage line, exit 2)."""
     try:
@@ -301,6 +321,11 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also KNET_DEBUG=1); by default one line",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -396,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--max-images", type=_positive_int, help="evaluate only the first N images (N >= 1)"
     )
-    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    evaluate.add_argument(
+        "--device", default="cpu", type=_device, help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -471,17 +498,35 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--out", default="outputs/predict", help="output folder (default: %(default)s)"
     )
-    predict.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    predict.add_argument(
+        "--device", default="cpu", type=_device, help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
     return parser
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each message (so a caller of :func:`main` that
+    redirects or captures stdout, and later restores it, never meets a closed stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _show_knet_logs() -> None:
     """The library logs through ``logging``; the command line shows knet's INFO messages."""
     logger = logging.getLogger("knet")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -491,11 +536,32 @@ def _show_knet_logs() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_knet_logs()
+    debug = args.debug or os.environ.get("KNET_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
-        print(f"knet: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("knet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the one error boundary: one line, no traceback unless asked
+        if debug:
+            raise
+        # Usage, config and input errors (a bad key, a missing file, a refused output) are 2,
+        # as argparse's; anything else that stopped the command is 1.
+        usage = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError)
+        print(f"knet: error: {_one_line(err)}", file=sys.stderr)
+        if not usage:
+            print("knet: (run with --debug for the traceback)", file=sys.stderr)
+        return 2 if usage else 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: its message (or its type), newlines folded."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, RecursionError):
+        text = f"input nested too deeply to read ({text})"
+    elif isinstance(err, OSError) and err.filename:
+        text = f"{err.strerror or type(err).__name__}: {err.filename}"
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

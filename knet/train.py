@@ -351,6 +351,8 @@ def quiet_ray_worker() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables..." / "Updating database tables" on every run.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -108,7 +108,8 @@ def train_model(cfg: Config, root: str, address: str | None) -> dict[str, Any]:
     return train(cfg, root=root, address=address)
 
 
-@task(name="evaluate", timeout_seconds=3600)
+# pycocotools prints its AP table; Prefect's log_prints would turn it into 40 log lines.
+@task(name="evaluate", timeout_seconds=3600, log_prints=False)
 def evaluate_model(cfg: Config, root: str, checkpoint: str) -> dict[str, float]:
     from knet.checkpoint import load_model
     from knet.evaluate import evaluate_model as evaluate
@@ -128,7 +129,7 @@ def evaluate_model(cfg: Config, root: str, checkpoint: str) -> dict[str, float]:
     )
 
 
-@_retrying(name="promote", timeout_seconds=3600)
+@_retrying(name="promote", timeout_seconds=3600, log_prints=False)
 def promote_model(cfg: Config, root: str, checkpoint: str) -> dict[str, Any]:
     from knet.registry import promote
 

@@ -95,6 +95,8 @@ def test_fast_path_gains_and_the_systems_table():
         "plain_loop": {"images_per_s": 10.0, "wall_s": 20.0, "epochs": 4},
         "ray_train_1_worker": {"images_per_s": 9.8, "wall_s": 30.0, "epochs": 4},
         "ray_over_plain": 0.98,
+        "time_to_quality": {"target_pq": 50.0, "seconds_to_target": 150.2, "epoch_at_target": 5,
+                            "wall_s": 240.0, "final": {"pq": 66.3, "pq_th": 52.0}},
     }  # fmt: skip
     header = {"device": "cpu", "torch": "x", "python": "3.11", "threads": 2,
               "matmul_peak_tflops": 0.1, "peak_dtype": "float32 2048^3"}  # fmt: skip
@@ -104,6 +106,7 @@ def test_fast_path_gains_and_the_systems_table():
     assert "| Ray Train 1 worker / plain loop | 0.98x |" in table
     assert "| `dvc repro prepare`, nothing changed | 0.9 s |" in table
     assert "| flow stage: train | 30.0 s |" in table
+    assert "wall s to the first val PQ >= 50 | 150 s (epoch 5) |" in table
 
 
 def test_the_training_step_benchmark_counts_its_host_syncs():
@@ -123,6 +126,12 @@ def test_the_systems_benchmark_runs_dvc_in_a_scratch_project(tmp_path):
     _, out = systems.timed_run(["dvc", "repro", "prepare"], project)
     assert "didn't change" in out or "up to date" in out
     assert (project / "data" / "prepared").is_dir()
+    # Time to quality reads the validation lines of a real `knet train` as they are printed.
+    quality = systems.time_to_quality(project, target_pq=0.0, workers=0)
+    epochs = [c["epoch"] for c in quality["curve"]]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2, quality
+    assert quality["epoch_at_target"] == 1 and quality["seconds_to_target"] > 0
+    assert quality["final"] == quality["curve"][-1]
 
 
 def test_the_gpu_check_refuses_a_machine_without_cuda(tmp_path):

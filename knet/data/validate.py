@@ -557,6 +557,14 @@ class _Checker:
                 file=path,
             )
             return False, None
+        except RecursionError:
+            self.add(
+                "error",
+                "json_invalid",
+                "nested too deeply to read (more levels than any COCO file has)",
+                file=path,
+            )
+            return False, None
 
     def coco_sections(self, data: Any, file: Path) -> dict[str, list[Any] | None]:
         """The images / annotations / categories lists of a COCO file (None where unusable)."""
