@@ -122,15 +122,29 @@ def model_from_checkpoint(
     backbone = dataclasses.replace(cfg.model.backbone, weights=None)
     model_cfg = dataclasses.replace(cfg.model, backbone=backbone)
     model = build_model(model_cfg, categories.num_things, categories.num_stuff)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:  # torch lists every mismatch over many lines
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit the model its own config describes "
-            f"({cfg.model.task}, {cfg.model.num_kernels} kernels): {first}"
-        ) from None
+    _check_weights_fit(model, payload["model"], cfg)
+    model.load_state_dict(payload["model"])
     return model.to(device).eval(), cfg, categories
+
+
+def _check_weights_fit(model: KNet, weights: dict[str, Any], cfg: Config) -> None:
+    """One line instead of torch's list of every mismatched name (hundreds of lines)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [
+        k
+        for k in expected
+        if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or reshaped:
+        first = (reshaped or missing or unexpected)[0]
+        raise CheckpointError(
+            f"the weights do not fit the model its config describes ({cfg.model.task}, "
+            f"{cfg.model.num_kernels} kernels, {cfg.model.num_stages} rounds): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another "
+            f"shape (first: {first})"
+        )
 
 
 def load_model(

@@ -146,8 +146,14 @@ def predict_images(
             log.error("%s", reason)
             summary.failed.append((str(path), reason))
             continue
-        result = predict_image(model, model_task, categories, cfg, image, task)
-        picture, segments = _render(image, result, task, categories)
+        try:
+            result = predict_image(model, model_task, categories, cfg, image, task)
+            picture, segments = _render(image, result, task, categories)
+        except (RuntimeError, MemoryError) as err:  # e.g. out of memory on a huge image
+            reason = f"cannot predict {path} ({image.shape[1]}x{image.shape[0]}): {err}"
+            log.error("%s", " ".join(reason.split()))
+            summary.failed.append((str(path), reason))
+            continue
         picture.save(out / f"{name}.png")
         (out / f"{name}.json").write_text(
             json.dumps(

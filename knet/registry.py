@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from knet.checkpoint import load_checkpoint, model_from_checkpoint
+from knet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from knet.config import Config, config_from_dict
 from knet.data.atomic import dumps, write_json_atomic
 from knet.data.categories import Categories
@@ -98,7 +98,7 @@ def load_model_files(
     }
     try:
         return model_from_checkpoint(payload, device)
-    except RuntimeError as err:  # load_state_dict: missing / unexpected keys, wrong shapes
+    except (RuntimeError, CheckpointError) as err:  # missing / unexpected keys, wrong shapes
         raise RegistryError(f"{weights} does not fit the model of {config}: {err}") from None
 
 
@@ -344,6 +344,8 @@ def _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow)
                 began = time.perf_counter()
                 scores[champion] = _evaluate(mlflow, client, cfg, name, champion)
                 timings["evaluate_champion_s"] = time.perf_counter() - began
+                if _alias(client, name, "champion") != champion:
+                    continue  # it moved while we evaluated it (minutes): decide anew
             best = scores[champion][metric]
             before = before or {"version": int(champion), metric: best}
             if not math.isfinite(best):  # a NaN champion must not block every finite model

@@ -3,6 +3,7 @@ usage / config / input and 1 for anything else, and a traceback only with ``--de
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,18 @@ from knet.cli import main
 from knet.data.dataset import build_dataset
 from knet.model import build_model
 from tests.test_train import make_data, run_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_knet_logger():
+    """``main`` gives the ``knet`` logger a stdout handler, as the command line needs; take it
+    off again so later tests of the library see its logging untouched."""
+    logger = logging.getLogger("knet")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +113,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config(capsys, project, tmp_p
     bad = tmp_path / "other-kernels.pt"
     torch.save(payload, bad)
     code, err = run(capsys, *evaluate_args(project, tmp_path, bad))
-    assert code == 2 and "weights do not fit the model its own config describes" in err, err
+    assert code == 2 and "weights do not fit the model its config describes" in err, err
     assert "12 kernels" in err and len(err.strip().splitlines()) == 1, err
 
 

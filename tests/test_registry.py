@@ -39,7 +39,7 @@ def models(tmp_path_factory):
     untrained = build_model(cfg.model, val.categories.num_things, val.categories.num_stuff)
     save_checkpoint(tmp / "untrained.pt", untrained, cfg, val.categories, epoch=0)
     paths = {"untrained": tmp / "untrained.pt"}
-    for name, epochs in (("short", 3), ("long", 40)):
+    for name, epochs in (("short", 10), ("long", 40)):
         run = run_config(
             data,
             tmp,
@@ -335,7 +335,7 @@ def test_a_nan_champion_is_replaced_by_any_finite_challenger(tmp_path):
     from knet.registry import _gate
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not an earlier test's
     client.create_registered_model("knet-panoptic")
     for _ in range(2):
         client.create_model_version("knet-panoptic", source=str(tmp_path), run_id=None)
