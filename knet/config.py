@@ -461,7 +461,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "optim.backbone_lr_mult": (0.0, 100.0),
     "optim.clip_grad_norm": (0.0, 1e6),  # 0: no clipping
     "optim.warmup_iters": (0, 10_000_000),
-    "optim.lr_steps": (1, 100000),
+    "optim.lr_steps": (0, 100000),
     "optim.lr_gamma": (0.0, 1.0),
     "loss.cls_weight": (0.0, 1000.0),
     "loss.mask_weight": (0.0, 1000.0),
