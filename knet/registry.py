@@ -23,7 +23,6 @@ import math
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -279,14 +278,7 @@ def _register(mlflow, client, cfg, root, name, payload, source, run_id) -> str:
             run_name=f"register-{Path(source).stem}",
             tags={**tags, "knet.source": source},
         )
-    with (
-        tempfile.TemporaryDirectory(prefix="knet-register-") as folder,
-        context,
-        warnings.catch_warnings(),
-    ):
-        # The model takes and returns dicts of images and segments (models-from-code), so
-        # MLflow's type-hint validation has nothing to check; its reminder is noise.
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory(prefix="knet-register-") as folder, context:
         weights, config = write_model_files(payload, Path(folder))
         info = mlflow.pyfunc.log_model(
             name="model",
