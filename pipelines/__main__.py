@@ -26,7 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from knet.config import ConfigError, load_config
     from knet.data.atomic import dumps
+
+    # A bad params file or --set key is the commonest mistake: one line before any flow starts
+    # (the flow checks again, for runs that come through a deployment).
+    epochs = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    try:
+        load_config(args.params, [*args.overrides, *epochs])
+    except ConfigError as err:
+        print(f"python -m pipelines: error: {err}", file=sys.stderr)
+        return 2
     from pipelines.flows import ablate_knet, train_knet
 
     common = dict(

@@ -213,3 +213,14 @@ def test_deployments_on_a_real_server_run_through_a_process_worker(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_the_command_line_refuses_a_bad_key_in_one_line_before_any_flow(capsys):
+    from pipelines.__main__ import main
+
+    code = main(["train-knet", "--set", "model.num_stage=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "model.num_stage is not a known key; did you mean model.num_stages?" in err
+    assert main(["train-knet", "--epochs", "0"]) == 2
+    assert "train.epochs must be between 1 and" in capsys.readouterr().err
