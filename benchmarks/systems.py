@@ -90,6 +90,19 @@ def timed_run(cmd: list[str], project: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out.stdout
 
 
+def run_overrides(run: Path, workers: int, name: str) -> list[str]:
+    """``--set`` items of a benchmark's ``knet train``: ``workers``, no tracking, every output
+    under ``run``, the run named ``name``."""
+    return [
+        f"train.num_workers={workers}",
+        "tracking.enabled=false",
+        f"train.storage_path={run / 'ray'}",
+        f"train.output={run / 'model.pt'}",
+        f"train.metrics={run / 'train.json'}",
+        f"train.run_name={name}",
+    ]
+
+
 def train_speed(
     project: Path, workers: int, epochs: int, folder: Path | None = None, cpus: float = 0
 ) -> dict:
@@ -101,15 +114,10 @@ def train_speed(
     """
     run = (folder or project) / f"loop-{workers}"
     overrides = [
-        f"train.num_workers={workers}",
+        *run_overrides(run, workers, f"bench-{workers}"),
         f"train.epochs={epochs}",
         "train.eval_every=1000",
-        "tracking.enabled=false",
-        f"train.storage_path={run / 'ray'}",
-        f"train.output={run / 'model.pt'}",
-        f"train.metrics={run / 'train.json'}",
         "train.max_failures=0",
-        f"train.run_name=bench-{workers}",
     ]
     if workers and cpus:
         overrides.append(f"train.cpus_per_worker={cpus / workers}")
@@ -129,15 +137,7 @@ def time_to_quality(project: Path, target_pq: float, workers: int = 1) -> dict:
     command's start to each validation line (read as the driver prints it) and to the first
     with PQ >= ``target_pq``."""
     run = project / f"quality-{workers}"
-    overrides = [
-        f"train.num_workers={workers}",
-        "train.eval_every=1",
-        "tracking.enabled=false",
-        f"train.storage_path={run / 'ray'}",
-        f"train.output={run / 'model.pt'}",
-        f"train.metrics={run / 'train.json'}",
-        "train.run_name=bench-quality",
-    ]
+    overrides = [*run_overrides(run, workers, "bench-quality"), "train.eval_every=1"]
     env = {**environment(project), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     curve = []

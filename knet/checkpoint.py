@@ -106,8 +106,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint version {payload['version']}; this knet reads "
-            f"up to {CHECKPOINT_VERSION}"
+            f"{path} has checkpoint version {version}; this knet reads up to {CHECKPOINT_VERSION}"
         )
     return payload
 

@@ -506,27 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to ``sys.stdout`` as it is at each message (so a caller of :func:`main` that
-    redirects or captures stdout, and later restores it, never meets a closed stream)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 def _show_knet_logs() -> None:
     """The library logs through ``logging``; the command line shows knet's INFO messages."""
     logger = logging.getLogger("knet")
     if not logger.handlers:
-        handler = _StdoutHandler()
+        handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
