@@ -135,7 +135,13 @@ def systems_markdown(sys_row: dict) -> list[str]:
         f"| {plain['images_per_s']:.1f} ({plain['wall_s']:.0f} s) |",
         f"| Ray Train 1 worker, train images/s (wall s) "
         f"| {ray['images_per_s']:.1f} ({ray['wall_s']:.0f} s) |",
-        f"| Ray Train 1 worker / plain loop | {sys_row['ray_over_plain']:.2f}x |",
+        f"| Ray Train 1 worker / plain loop (steady state: second half of the epochs) "
+        f"| {sys_row['ray_over_plain']:.2f}x |",
+        *(
+            f"| Ray run, CPU-s: {role} | {seconds} |"
+            for role, seconds in sorted(ray.get("cpu_s", {}).items(), key=lambda kv: -kv[1])
+        ),
+        f"| plain run, CPU-s in all | {plain.get('cpu_s_total', '-')} |",
         f"| `dvc repro prepare`, cold (synth + prepare) "
         f"| {sys_row['dvc_repro_prepare_cold_s']} s |",
         f"| `dvc repro prepare`, nothing changed | {sys_row['dvc_repro_noop_s']} s |",

@@ -1,7 +1,7 @@
 """The costs around the model: the plain loop vs Ray Train with 1 worker, ``dvc repro`` when
 nothing changed, and the ``make pipeline`` flow's stage breakdown.
 
-``python -m benchmarks.systems [--train-images 200 --epochs 4]`` (``python -m benchmarks`` runs
+``python -m benchmarks.systems [--train-images 400 --epochs 8]`` (``python -m benchmarks`` runs
 it as its ``systems`` section). Everything runs in a scratch copy of the project (its tracked
 files in a fresh git + DVC repository, with the synthetic set cut to ``--train-images``), so
 this checkout's data, DVC cache, MLflow store and Ray results are untouched. Prints one JSON
@@ -9,7 +9,9 @@ line.
 
 - plain vs Ray Train: the same config and data, ``train.num_workers=0`` (the engine loop in
   this process) and ``=1`` (one Ray Train worker with both cores); images/s is the median of
-  the epochs after the first (start-up excluded), wall time includes it.
+  the second half of the epochs (steady state), wall time includes start-up. Each run's CPU
+  seconds are summed per process role (driver, train worker, its data loaders, Ray Train's
+  actors, Ray's daemons), sampled from ``/proc`` with psutil: where Ray's extra time goes.
 - ``dvc repro prepare`` twice: the first generates and prepares the data, the second finds
   everything up to date (what every flow run pays before training).
 - the train-knet flow (``make pipeline``) for ``--flow-epochs`` on that data: its own per-stage
@@ -90,6 +92,85 @@ def timed_run(cmd: list[str], project: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out.stdout
 
 
+# Where the CPU of a run goes: every process started during it (the driver, Ray's daemons and
+# actors, the Train worker, data-loader processes), by the role its command line names.
+ROLES = (  # process titles are cut to 15 characters where the full one is not readable
+    ("train worker", ("ray::raytrainwo",)),
+    ("Ray Train actors (controller, sync, datasets, placement-group cleaner, autoscaling)",
+     ("ray::traincontr", "ray::synchroniz", "ray::datasetman", "ray::placementg",
+      "ray::_autoscali", "ray::preemption", "ray::trainstate")),
+    ("Ray daemons (GCS, raylet, dashboard agent, log monitor)",
+     ("gcs_server", "raylet", "agent", "log_monitor", "monitor.py", "ray/", "dashboard")),
+    ("idle Ray workers", ("ray::idle", "default_worker.py")),
+)  # fmt: skip
+
+
+def _role(proc, driver_pid: int, worker_pids: set[int]) -> str:
+    cmdline = " ".join(proc.info.get("cmdline") or []) or (proc.info.get("name") or "")
+    if proc.pid == driver_pid:
+        return "knet train (driver / plain loop)"
+    if proc.info.get("ppid") in worker_pids:
+        return "data loaders (of the train worker)"
+    if proc.info.get("ppid") == driver_pid and not cmdline.startswith("ray"):
+        return "data loaders (of the driver)"  # forked from it (Ray's processes are not)
+    for role, needles in ROLES:
+        if any(n in cmdline.lower() for n in needles):
+            return role
+    return "other"
+
+
+def cpu_accounted_run(cmd: list[str], project: Path, interval: float = 0.25) -> dict:
+    """Run ``cmd`` and sum the CPU seconds of every process started meanwhile, by role.
+
+    Processes are sampled every ``interval`` seconds (``psutil``); the last sample of each is
+    kept, so a process that exits loses at most one interval.
+    """
+    import psutil
+
+    start_wall = time.time()
+    start = time.perf_counter()
+    last: dict[int, tuple[str, float]] = {}
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=environment(project), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: set[int] = set()
+    while True:
+        running = proc.poll() is None
+        for p in psutil.process_iter(["pid", "ppid", "cmdline", "name", "create_time"]):
+            try:
+                if p.info["create_time"] < start_wall - 1:
+                    continue
+                times = p.cpu_times()
+                cmdline = " ".join(p.info.get("cmdline") or [])
+                # Loader processes fork from the worker and inherit its title: the parent is
+                # the worker, so they are counted as loaders.
+                title = cmdline or p.info.get("name") or ""
+                if title.startswith("ray::RayTrainWo") and p.info["ppid"] not in workers:
+                    workers.add(p.pid)
+                last[p.pid] = (
+                    _role(p, proc.pid, workers),
+                    times.user + times.system,
+                    cmdline[:100] or p.info.get("name") or "",
+                )
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not running:
+            break
+        time.sleep(interval)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} in {project}")
+    by_role: dict[str, float] = {}
+    for role, seconds, _ in last.values():
+        by_role[role] = round(by_role.get(role, 0.0) + seconds, 1)
+    top = sorted(last.values(), key=lambda item: -item[1])[:10]
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": by_role,
+        "top_processes": [[role, round(cpu, 1), cmd] for role, cpu, cmd in top],
+    }
+
+
 def run_overrides(run: Path, workers: int, name: str) -> list[str]:
     """``--set`` items of a benchmark's ``knet train``: ``workers``, no tracking, every output
     under ``run``, the run named ``name``."""
@@ -121,12 +202,26 @@ def train_speed(
     ]
     if workers and cpus:
         overrides.append(f"train.cpus_per_worker={cpus / workers}")
-    seconds, _ = timed_run(["knet", "train", "--set", *overrides], project)
+    accounted = cpu_accounted_run(["knet", "train", "--set", *overrides], project)
+    seconds = accounted["wall_s"]
     history = json.loads((run / "train_history.json").read_text())
     # Each rank reports images/s over its own shard; the run's throughput is their sum.
-    rates = [h["images_per_s"] * max(workers, 1) for h in history[1:]]
-    rates = rates or [history[-1]["images_per_s"] * max(workers, 1)]
-    return {"images_per_s": statistics.median(rates), "wall_s": seconds, "epochs": epochs}
+    per_epoch = [round(h["images_per_s"] * max(workers, 1), 1) for h in history]
+    # Steady state: the second half of the epochs. Ray Train starts five actor processes
+    # (controller, synchronisation, dataset manager, placement-group cleaner, autoscaling
+    # coordinator) that each import Ray Train, ~20 CPU-s in all: on 2 cores that slows the
+    # first epochs of a short run, and is reported as start-up (cpu_s), not as throughput.
+    steady = per_epoch[len(per_epoch) // 2 :]
+    return {
+        "images_per_s": statistics.median(steady),
+        "images_per_s_after_first": statistics.median(per_epoch[1:] or per_epoch),
+        "wall_s": seconds,
+        "epochs": epochs,
+        "images_per_s_by_epoch": per_epoch,
+        "cpu_s": accounted["cpu_s"],
+        "cpu_s_total": round(sum(accounted["cpu_s"].values()), 1),
+        "top_processes": accounted["top_processes"],
+    }
 
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+loss \S+\s+pq ([\d.]+) pq_th ([\d.]+)")
@@ -186,6 +281,9 @@ def measure(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"the second `dvc repro prepare` did work:\n{out}")
         plain = train_speed(project, 0, args.epochs)
         ray = train_speed(project, 1, args.epochs)
+        if args.only_speed:
+            return {"plain_loop": plain, "ray_train_1_worker": ray,
+                    "ray_over_plain": ray["images_per_s"] / plain["images_per_s"]}  # fmt: skip
         _, flow_out = timed_run([sys.executable, "-c", FLOW, str(args.flow_epochs)], project)
         flow = json.loads(flow_out.strip().splitlines()[-1])
     return {
@@ -206,12 +304,15 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=200)
+    parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--val-images", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=4, help="plain vs Ray Train epochs")
+    parser.add_argument("--epochs", type=int, default=8, help="plain vs Ray Train epochs")
     parser.add_argument("--flow-epochs", type=int, default=2, help="train-knet flow epochs")
     parser.add_argument("--quality-pq", type=float, default=50.0, help="time to this val PQ")
     parser.add_argument("--skip-quality", action="store_true", help="no time-to-quality run")
+    parser.add_argument(
+        "--only-speed", action="store_true", help="only plain vs Ray Train (one JSON line)"
+    )
     parser.add_argument(
         "--only-quality", action="store_true", help="only the time-to-quality run (one JSON line)"
     )

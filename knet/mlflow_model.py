@@ -35,7 +35,9 @@ class KNetPyfunc(PythonModel):
             context.artifacts["weights"], context.artifacts["config"]
         )
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as a schema
+    # np.ndarray is a hint MLflow infers no schema from (a list of images is taken too); without
+    # any hint MLflow warned at every registration that one should be added.
+    def predict(self, context, model_input: np.ndarray, params=None):
         from knet.predict import predict_image, segments_of, semantic_map
 
         task = (params or {}).get("task") or self.cfg.model.task

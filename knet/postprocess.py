@@ -8,6 +8,7 @@ inside it before padding, ``output_size`` the original image size the results ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,42 @@ def _mask_probs(
     return resize_to_image(up.sigmoid(), input_size, image_size, output_size)
 
 
+# Full-size float maps the post-processing holds at once, per image. Kernels are resized in
+# chunks that fit this budget and reduced as they come (a running argmax), so the results are
+# exactly those of one pass over all kernels (spec §6) while the peak memory no longer grows
+# with kernels x pixels: an 8000x8000 image used to need one 4.9 GB tensor.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunks(count: int, output_size: Size) -> list[slice]:
+    """Consecutive slices of ``count`` kernels whose (c, H, W) float32 maps fit CHUNK_BYTES."""
+    per = max(1, CHUNK_BYTES // (4 * max(1, output_size[0] * output_size[1])))
+    return [slice(start, min(count, start + per)) for start in range(0, count, per)]
+
+
+def _running_argmax(
+    maps: Callable[[slice], Tensor], count: int, output_size: Size
+) -> tuple[Tensor, Tensor]:
+    """(value, index) of the maximum over ``count`` maps made chunk by chunk by ``maps``.
+
+    Ties go to the lowest index, as one ``argmax`` over all of them would.
+    """
+    best = index = None
+    for part in _chunks(count, output_size):
+        chunk = maps(part)  # (c, H, W)
+        local = chunk.argmax(dim=0)
+        value = chunk.gather(0, local[None])[0]
+        local += part.start
+        if best is None:
+            best, index = value, local
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            index = torch.where(better, local, index)
+    assert best is not None and index is not None, "no maps to reduce"
+    return best, index
+
+
 def instance_postprocess(
     cls_logits: Tensor,
     mask_logits: Tensor,
@@ -80,8 +117,16 @@ def instance_postprocess(
     top_scores, flat = scores.flatten().topk(k)  # (k,)
     kernels = flat // num_thing_classes
     labels = flat % num_thing_classes
-    probs = _mask_probs(mask_logits[kernels], input_size, image_size, output_size)  # (k, H, W)
-    return InstanceResult(probs > cfg.mask_threshold, labels, top_scores)
+    logits = mask_logits[kernels]
+    masks = [
+        _mask_probs(logits[part], input_size, image_size, output_size) > cfg.mask_threshold
+        for part in _chunks(len(logits), output_size)
+    ]
+    if masks:
+        binary = torch.cat(masks)  # (k, H, W) bool
+    else:
+        binary = torch.zeros(0, *output_size, dtype=torch.bool, device=mask_logits.device)
+    return InstanceResult(binary, labels, top_scores)
 
 
 def panoptic_postprocess(
@@ -107,10 +152,15 @@ def panoptic_postprocess(
         stuff = torch.arange(num_stuff_classes, device=probs.device)
         scores = torch.cat([scores, probs[num_things + stuff, num_thing_classes + stuff]])
         labels = torch.cat([labels, num_thing_classes + stuff])
-    masks = _mask_probs(mask_logits, input_size, image_size, output_size)  # (N, H, W)
-    owner = (scores[:, None, None] * masks).argmax(dim=0)  # (H, W) kernel index
+    original_area = torch.zeros(num_kernels, dtype=torch.int64, device=probs.device)
+
+    def weighted(part: slice) -> Tensor:  # score x mask probability of kernels ``part``
+        masks = _mask_probs(mask_logits[part], input_size, image_size, output_size)  # (c, H, W)
+        original_area[part] = (masks >= cfg.mask_threshold).flatten(1).sum(1)
+        return scores[part, None, None] * masks
+
+    _, owner = _running_argmax(weighted, num_kernels, output_size)  # (H, W) kernel index
     area = torch.bincount(owner.flatten(), minlength=num_kernels)  # (N,)
-    original_area = (masks >= cfg.mask_threshold).flatten(1).sum(1)  # (N,)
     is_thing = torch.arange(num_kernels, device=probs.device) < num_things
     # Every pixel has one owner, so the official sequential visit (descending score) keeps
     # exactly these kernels; the order only decides the segment ids.
@@ -139,7 +189,11 @@ def semantic_postprocess(
     mask_logits: Tensor, input_size: Size, image_size: Size, output_size: Size
 ) -> Tensor:
     """Argmax over the class logits (K, h, w) at the original size -> (H, W) int64 class ids."""
-    return resize_to_image(mask_logits, input_size, image_size, output_size).argmax(dim=0)
+    return _running_argmax(
+        lambda part: resize_to_image(mask_logits[part], input_size, image_size, output_size),
+        mask_logits.shape[0],
+        output_size,
+    )[1]
 
 
 def postprocess(

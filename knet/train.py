@@ -280,6 +280,11 @@ def connect(address: str | None, dashboard: bool = False) -> None:
             # listener of the local instance (GCS, raylet, object manager) binds to 127.0.0.1.
             # It is read when Ray is imported (the driver's copy is set too) and when Ray's
             # processes start, so it is set only around ray.init.
+            # One machine that knet started is never drained by a cluster manager, so Ray
+            # Train's preemption watcher has nothing to watch there; its only output was a
+            # core-worker error line per run about its constructor arguments. On a cluster
+            # (address given) it stays on.
+            runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
             with _loopback_only():
                 # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput.
                 # Ray Train's placement-group cleaner then warns that the State API is

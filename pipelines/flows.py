@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from pipelines.guard import check_root, check_tracking_uri
 from pipelines.tasks import (
     check_services,
     evaluate_model,
@@ -76,7 +77,7 @@ def train_knet(
         root: the project (a DVC repository) the flow works in.
         predict_images: how many val images get overlay pictures.
     """
-    root = str(Path(root).resolve())
+    root = check_root(root)  # a caller may not point the worker at another dvc.yaml
     address = address or None  # deployments pass "" for "start a local instance"
     times: dict[str, float] = {}
     clock = _Clock(times)
@@ -138,7 +139,7 @@ def ablate_knet(
         register_best: register the best trial as a challenger (gated like any promotion).
         Other arguments as in :func:`train_knet`.
     """
-    root = str(Path(root).resolve())
+    root = check_root(root)  # a caller may not point the worker at another dvc.yaml
     address = address or None  # deployments pass "" for "start a local instance"
     times: dict[str, float] = {}
     clock = _Clock(times)
@@ -184,6 +185,8 @@ def _prepare(params: str, items: list[str], root: str, address: str | None, cloc
     """
     with clock("params"):
         cfg = load_params(str(Path(root) / params), items)
+        if cfg.tracking.enabled:  # tracking_uri, overrides and the params file all end here
+            check_tracking_uri(cfg.tracking.uri, root)
     with clock("services"):
         check_services(cfg, root, address)
     with clock("prepare"):

@@ -93,7 +93,8 @@ def test_fast_path_gains_and_the_systems_table():
         "dvc_repro_noop_s": 0.9, "flow_epochs": 1, "flow_wall_s": 60.0,
         "flow_stage_s": {"prepare": 1.0, "train": 30.0},
         "plain_loop": {"images_per_s": 10.0, "wall_s": 20.0, "epochs": 4},
-        "ray_train_1_worker": {"images_per_s": 9.8, "wall_s": 30.0, "epochs": 4},
+        "ray_train_1_worker": {"images_per_s": 9.8, "wall_s": 30.0, "epochs": 4,
+                               "cpu_s": {"train worker": 50.0, "Ray daemons": 3.0}},
         "ray_over_plain": 0.98,
         "time_to_quality": {"target_pq": 50.0, "seconds_to_target": 150.2, "epoch_at_target": 5,
                             "wall_s": 240.0, "final": {"pq": 66.3, "pq_th": 52.0}},
@@ -103,7 +104,11 @@ def test_fast_path_gains_and_the_systems_table():
     table = markdown(header, [base, fast], [], systems)
     assert "| 0 + 1 cost transfer |" in table
     assert "| channels-last | 2.00x |" in table
-    assert "| Ray Train 1 worker / plain loop | 0.98x |" in table
+    assert (
+        "| Ray Train 1 worker / plain loop (steady state: second half of the epochs) | 0.98x |"
+        in table
+    )
+    assert "| Ray run, CPU-s: train worker | 50.0 |" in table
     assert "| `dvc repro prepare`, nothing changed | 0.9 s |" in table
     assert "| flow stage: train | 30.0 s |" in table
     assert "wall s to the first val PQ >= 50 | 150 s (epoch 5) |" in table

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -628,6 +628,8 @@ def test_prefect_worker_polls_the_pool_of_the_deployments(objects):
     assert {"configMapRef": {"name": "knet-config"}} in container["envFrom"]
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "knet-ray-token"
+    assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"] == {
+        "name": "knet-prefect-auth", "key": "auth_string"}  # fmt: skip
     assert container["image"] == head_container(objects[("RayCluster", "knet")]["spec"])["image"]
     # A process pool needs no base job template.
     assert not (K8S / "work-pool.json").exists()
@@ -708,7 +710,7 @@ def test_basic_auth_ini_is_what_mlflow_reads(monkeypatch):
     monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
     monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
     config = read_auth_config()
-    assert get_permission(config.default_permission).name in ("READ", "NO_PERMISSIONS")
+    assert get_permission(config.default_permission).name == "NO_PERMISSIONS"
     assert config.database_uri.startswith("postgresql://")
     assert ":" not in config.database_uri.split("://", 1)[1].split("@")[0]  # no password
     assert config.admin_username == "admin" and config.admin_password is None
@@ -858,7 +860,7 @@ def test_start_sh_defaults_and_auth_database_override(tmp_path):
     parser = configparser.ConfigParser()  # mlflow's reader, with its % interpolation
     parser.read(out / "auth.ini")
     assert parser["mlflow"]["database_uri"] == uri
-    assert parser["mlflow"]["default_permission"] == "READ"
+    assert parser["mlflow"]["default_permission"] == "NO_PERMISSIONS"
     assert (out / "mode").read_text().split() == ["700", "600"]  # folder, file: private
     assert not Path((out / "path").read_text().strip()).exists()  # cleaned up
 
@@ -1076,9 +1078,79 @@ def test_mlflow_server_with_basic_auth(tmp_path, monkeypatch, request, backend):
         assert landed.read_text() == "proxied through the server\n"
         assert run.info.run_id in landed.parts
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["hello.txt"]
+
+        # default_permission NO_PERMISSIONS: another signed-in user sees nothing until granted.
+        from mlflow.server.auth.client import AuthServiceClient
+
+        auth = AuthServiceClient(url)
+        auth.create_user("viewer", "viewer-password-123")
+        viewer = ("viewer", "viewer-password-123")
+        get_run = f"{url}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}"
+        assert http(get_run, viewer)[0] == 403
+        assert (
+            http(f"{url}/api/2.0/mlflow/experiments/get?experiment_id={experiment}", viewer)[0]
+            == 403
+        )
+        auth.create_experiment_permission(experiment, "viewer", "READ")
+        assert http(get_run, viewer)[0] == 200
     finally:
         stop(proc)
         out.close()
     private = re.search(r"auth config:\s+(\S+)", log.read_text())[1]
     assert private != str(MLFLOW_DIR / "basic_auth.ini")
     assert not Path(private).exists()  # the private copy went with the server
+
+
+@pytest.mark.slow
+def test_a_prefect_server_with_the_auth_string_refuses_anonymous_callers(tmp_path):
+    """What the k8s worker's PREFECT_API_AUTH_STRING relies on, on a real Prefect server."""
+    port = free_port()
+    env = {**venv_env(), "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_AUTH_STRING": "knet:s3cret-for-this-test"}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if http(f"{url}/health", ("knet", "s3cret-for-this-test"))[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no /health in 180 s:\n" + log.read_text()
+            time.sleep(0.5)
+
+        def post(auth: tuple[str, str] | None) -> int:
+            request = urllib.request.Request(f"{url}/flows/filter", data=b"{}", method="POST")
+            request.add_header("Content-Type", "application/json")
+            if auth:
+                token = base64.b64encode(":".join(auth).encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert post(None) == 401
+        assert post(("knet", "wrong")) == 401
+        assert post(("knet", "s3cret-for-this-test")) == 200
+        client_env = {
+            **env,
+            "PREFECT_API_URL": url,
+            "PREFECT_API_AUTH_STRING": "knet:s3cret-for-this-test",
+        }
+        client_env.pop("PREFECT_SERVER_API_AUTH_STRING")
+        done = subprocess.run(["prefect", "work-pool", "ls"], env=client_env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -46,13 +46,14 @@ def harness():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_knet_flow_end_to_end(harness, tmp_path):
+def test_train_knet_flow_end_to_end(harness, tmp_path, monkeypatch):
     import mlflow
     from prefect.client.orchestration import get_client
 
     from pipelines.flows import train_knet
 
     repo = make_repo(tmp_path)
+    monkeypatch.setenv("KNET_FLOW_ROOTS", str(repo))
     summary = train_knet(root=str(repo), overrides=FLOW_OVERRIDES, epochs=1, predict_images=2)
     assert summary["decision"] == "promoted" and summary["version"] == 1
     assert set(summary["stage_s"]) >= {"prepare", "train", "evaluate", "registry", "predict"}
@@ -80,9 +81,10 @@ def test_train_knet_flow_end_to_end(harness, tmp_path):
     assert again["stage_s"]["prepare"] < summary["stage_s"]["prepare"]
 
 
-def test_a_bad_params_key_fails_fast_without_retries(harness, tmp_path):
+def test_a_bad_params_key_fails_fast_without_retries(harness, tmp_path, monkeypatch):
     from pipelines.flows import train_knet
 
+    monkeypatch.setenv("KNET_FLOW_ROOTS", str(tmp_path))
     state = train_knet(
         root=str(tmp_path),
         params=str(ROOT / "params.yaml"),
@@ -192,6 +194,7 @@ def test_deployments_on_a_real_server_run_through_a_process_worker(tmp_path):
         assert "train-knet/train-knet" in listed and "ablate-knet/ablate-knet" in listed
 
         repo = make_repo(tmp_path)
+        env["KNET_FLOW_ROOTS"] = str(repo)  # the worker's allow list (pipelines/guard.py)
         started = prefect(
             "deployment",
             "run",

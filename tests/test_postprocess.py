@@ -351,3 +351,50 @@ def test_postprocess_instance_model_with_dataset_class_counts() -> None:
 def test_postprocess_panoptic_from_instance_model_raises() -> None:
     with pytest.raises(ValueError):
         postprocess(_instance_model_output(), "panoptic", 2, 3, [(16, 24)], [(16, 24)], CFG)
+
+
+# ------------------------------------------------------------------------------ bounded memory
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chunked_postprocess_equals_one_pass(monkeypatch, seed: int) -> None:
+    """Kernels resized a few at a time (a running argmax) give exactly the one-pass results."""
+    import knet.postprocess as pp
+
+    gen = torch.Generator().manual_seed(seed)
+    cls = torch.randn(N_THING + N_STUFF, T + N_STUFF, generator=gen)
+    masks = torch.randn(N_THING + N_STUFF, INPUT[0] // 8, INPUT[1] // 8, generator=gen) * 3
+    # Exact ties between kernels (identical masks and scores) must go to the lower index.
+    masks[5], cls[5] = masks[4], cls[4]
+    sem_logits = torch.randn(K, INPUT[0] // 8, INPUT[1] // 8, generator=gen)
+    cfg = PostprocessConfig(instance_score_threshold=0.0, overlap_threshold=0.2)
+
+    def run():
+        pan = panoptic_postprocess(cls, masks, T, N_STUFF, INPUT, IMAGE, OUTPUT, cfg)
+        ins = instance_postprocess(cls[:N_THING, :T], masks[:N_THING], T, INPUT, IMAGE, OUTPUT, cfg)
+        sem = semantic_postprocess(sem_logits, INPUT, IMAGE, OUTPUT)
+        return pan, ins, sem
+
+    one_pass = run()
+    # One kernel per chunk: the smallest budget.
+    monkeypatch.setattr(pp, "CHUNK_BYTES", 4 * OUTPUT[0] * OUTPUT[1])
+    assert len(pp._chunks(N_THING + N_STUFF, OUTPUT)) == N_THING + N_STUFF
+    chunked = run()
+    assert torch.equal(one_pass[0].segment_map, chunked[0].segment_map)
+    assert one_pass[0].segments == chunked[0].segments and one_pass[0].segments
+    assert torch.equal(one_pass[1].masks, chunked[1].masks)
+    assert torch.equal(one_pass[1].scores, chunked[1].scores)
+    assert torch.equal(one_pass[2], chunked[2])
+
+
+def test_a_large_image_is_post_processed_in_chunks() -> None:
+    """The float maps held at once stay within the budget: 16 kernels of an 8000x8000 image
+    one at a time (256 MB each; all at once was 4 GB), of 4000x4000 four at a time."""
+    from knet.postprocess import CHUNK_BYTES, _chunks
+
+    assert [p.stop - p.start for p in _chunks(16, (8000, 8000))] == [1] * 16
+    assert [p.stop - p.start for p in _chunks(16, (4000, 4000))] == [4] * 4
+    assert all(
+        4 * 4000 * 4000 * (p.stop - p.start) <= CHUNK_BYTES for p in _chunks(16, (4000, 4000))
+    )
+    assert _chunks(16, (128, 128)) == [slice(0, 16)]
