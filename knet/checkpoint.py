@@ -85,12 +85,19 @@ def check_checkpoint_output(path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
-        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
+        detail = str(err) if len(str(err)) > 8 else f"{type(err).__name__} {str(err)!r}"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (not a file torch.save wrote): {detail}"
+        ) from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise CheckpointError(
             f"{path} is not a knet checkpoint (expected keys {', '.join(REQUIRED_KEYS)})"
@@ -149,5 +156,16 @@ def _check_weights_fit(model: KNet, weights: dict[str, Any], cfg: Config) -> Non
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[KNet, Config, Categories]:
-    """Shorthand: :func:`load_checkpoint` then :func:`model_from_checkpoint`."""
-    return model_from_checkpoint(load_checkpoint(path), device)
+    """:func:`load_checkpoint` then :func:`model_from_checkpoint`; every error names ``path``.
+
+    A checkpoint whose stored config or categories do not load (an unknown key, a category
+    without its flag, weights of another model) is refused as a :class:`CheckpointError`.
+    """
+    payload = load_checkpoint(path)
+    try:
+        return model_from_checkpoint(payload, device)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, KeyError | TypeError | AttributeError):
+            text = f"{type(err).__name__}: {text}"
+        raise CheckpointError(f"{path} does not hold a usable knet model: {text}") from None

@@ -228,9 +228,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from knet.tune import tune
+    from knet.tune import explicit_overrides_win, tune
 
-    summary = tune(_config(args), address=args.address)
+    cfg, dropped = explicit_overrides_win(_config(args), args.overrides)
+    if dropped:
+        print(f"--set wins over tune.overrides: not applying {', '.join(dropped)}")
+    summary = tune(cfg, address=args.address)
     print(Path(summary["reports"]["md"]).read_text())
     print(f"sweep {summary['name']}: {len(summary['rows'])} trials in {summary['seconds']} s")
     for kind, path in summary["reports"].items():

@@ -492,6 +492,24 @@ _CHOICES: dict[str, tuple[int, ...]] = {"model.backbone.depth": (18, 34, 50, 101
 # --------------------------------------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so a second ``model:`` section would drop the first unannounced)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read ``params.yaml`` (or defaults when ``path`` is None) and apply ``key=value`` overrides.
 
@@ -509,10 +527,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError(f"params file {path} does not exist") from None
         except IsADirectoryError:
             raise ConfigError(f"params file {path} is a directory") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"params file {path} is not UTF-8 text ({err.reason})") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a params file") from None
         if data is None:
             # An empty file would otherwise run the built-in COCO R-50 defaults unannounced.
             raise ConfigError(f"{path} is empty; a params file holds the sections of params.yaml")
@@ -532,10 +554,14 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: key {key!r} has an empty part (dotted.key=value)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"override {key}: value is nested too deeply") from None
     node = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):

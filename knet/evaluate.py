@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from knet.checkpoint import load_checkpoint, model_from_checkpoint
+from knet.checkpoint import load_model
 from knet.config import Config, load_config
 from knet.data.atomic import atomic_directory, check_output_dir, write_json_atomic
 from knet.data.categories import Categories
@@ -77,8 +77,10 @@ def evaluate_checkpoint(
     cfg = load_config(params, overrides)
     ev = cfg.evaluate
     check_output_dir(out or ev.out, "eval")  # before minutes of loading and inference
+    if write_metrics:
+        check_metrics_file(metrics_file or ev.metrics)
     if loaded is None:
-        loaded = model_from_checkpoint(load_checkpoint(checkpoint or ev.checkpoint), device=device)
+        loaded = load_model(checkpoint or ev.checkpoint, device=device)
     model, trained, categories = loaded
     return evaluate_model(
         model,
@@ -92,6 +94,21 @@ def evaluate_checkpoint(
         progress=progress,
         max_images=max_images,
     )
+
+
+def check_metrics_file(path: str | Path) -> None:
+    """Refuse a metrics path (or its per-class CSV) that is a folder, before any work: found
+    only at the end, it would fail after the prediction files were replaced."""
+    path = Path(path)
+    for target in (path, per_class_path(path)):
+        if target.is_dir():
+            raise ValueError(f"metrics file {target} is a folder; give a file path")
+
+
+def per_class_path(metrics_file: str | Path) -> Path:
+    """The per-class CSV written beside ``metrics_file``."""
+    path = Path(metrics_file)
+    return path.with_name(path.stem + "_per_class.csv")
 
 
 def evaluate_model(
@@ -150,7 +167,7 @@ def evaluate_model(
     if metrics_file is not None:
         write_json_atomic(metrics_file, flat, indent=2)
         _write_per_class(
-            Path(metrics_file).with_name(Path(metrics_file).stem + "_per_class.csv"),
+            per_class_path(metrics_file),
             categories,
             computed,
         )

@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from knet.checkpoint import load_checkpoint, model_from_checkpoint
+from knet.checkpoint import load_model
 from knet.config import Config, apply_override, config_from_dict, load_config
 from knet.data.atomic import check_output_dir, mark_output
 from knet.data.categories import Categories
@@ -51,6 +51,20 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             paths.append(item)
     return paths
+
+
+def check_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """The inputs as paths, refusing one that does not exist or a set with no image at all
+    (before anything is loaded or written)."""
+    items = [Path(item) for item in inputs]
+    for item in items:
+        if not item.exists():
+            raise FileNotFoundError(f"input {item} does not exist")
+    if not expand_inputs(items):
+        shown = ", ".join(map(str, items)) or "(none given)"
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"no image files to predict in {shown} (image suffixes: {suffixes})")
+    return items
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -86,9 +100,10 @@ def predict_checkpoint(
     ``loaded`` is an already loaded (model, its config, categories), e.g. a registered
     version, used instead of ``checkpoint``.
     """
+    inputs = check_inputs(inputs)
     check_output_dir(out, "predict")  # before loading anything
     if loaded is None:
-        loaded = model_from_checkpoint(load_checkpoint(checkpoint), device)
+        loaded = load_model(checkpoint, device)
     model, trained, categories = loaded
     if params is not None:
         cfg = load_config(params, overrides)
@@ -127,9 +142,8 @@ def predict_images(
     _check_task(model_task, task)
     check_output_dir(out, "predict")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mark_output(out, "predict")
     summary = PredictSummary()
+    made = False  # the folder is made with the first result: a run that writes none leaves none
     model.eval()
     paths = expand_inputs(inputs)
     for path, name in tqdm(
@@ -154,6 +168,11 @@ def predict_images(
             log.error("%s", " ".join(reason.split()))
             summary.failed.append((str(path), reason))
             continue
+        if not made:
+            check_output_dir(out, "predict")  # something may have appeared there meanwhile
+            out.mkdir(parents=True, exist_ok=True)
+            mark_output(out, "predict")
+            made = True
         picture.save(out / f"{name}.png")
         (out / f"{name}.json").write_text(
             json.dumps(

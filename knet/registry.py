@@ -18,11 +18,14 @@ that imports mlflow.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +133,7 @@ def resolve_version(client, uri: str):
     except MlflowException:
         known = sorted(m.name for m in client.search_registered_models())
         raise RegistryError(
-            f"registered model {name!r} does not exist in {client.tracking_uri} "
+            f"{uri}: registered model {name!r} does not exist in {client.tracking_uri} "
             f"(registered: {', '.join(known) or 'none'}); run `knet promote` first"
         ) from None
     if alias is not None:
@@ -138,17 +141,19 @@ def resolve_version(client, uri: str):
         if alias not in aliases:
             shown = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
             raise RegistryError(
-                f"registered model {name!r} has no alias {alias!r} (aliases: {shown})"
+                f"{uri}: registered model {name!r} has no alias {alias!r} (aliases: {shown})"
             )
         return client.get_model_version(name, str(aliases[alias]))
     try:
         return client.get_model_version(name, version)
     except MlflowException:
-        raise RegistryError(f"registered model {name!r} has no version {version}") from None
+        raise RegistryError(f"{uri}: registered model {name!r} has no version {version}") from None
 
 
 def load_registered(uri: str, tracking_uri: str, device: str | torch.device = "cpu"):
     """(model, config, categories, ModelVersion) of ``models:/NAME@ALIAS`` or ``.../VERSION``."""
+    parse_model_uri(uri)  # a malformed URI before any store is opened
+    _check_store_exists(tracking_uri)
     mlflow = _mlflow(tracking_uri)
     client = mlflow.MlflowClient()
     version = resolve_version(client, uri)
@@ -196,13 +201,16 @@ def promote(
 
     root = Path(root).resolve()
     cfg = absolute_paths(cfg, root)
+    began = time.perf_counter()
+    # A missing or foreign checkpoint file is refused before the store is opened (opening a
+    # sqlite store creates it).
+    loaded = None if run_id else load_checkpoint(Path(checkpoint or cfg.train.output))
     check_tracking_uri(cfg.tracking.uri)
     mlflow = _mlflow(cfg.tracking.uri)
     client = mlflow.MlflowClient()
     timings: dict[str, float] = {}
 
-    began = time.perf_counter()
-    payload, source, run_id = _source(mlflow, client, cfg, run_id, checkpoint)
+    payload, source, run_id = _source(mlflow, client, cfg, run_id, checkpoint, loaded)
     task = payload["config"]["model"]["task"]
     name, metric = model_name(cfg, task), gate_metric(cfg, task)
     version = _register(mlflow, client, cfg, root, name, payload, source, run_id)
@@ -213,7 +221,8 @@ def promote(
     scores = {version: _evaluate(mlflow, client, cfg, name, version)}
     timings["evaluate_challenger_s"] = time.perf_counter() - began
     _check_metric(metric, scores[version])
-    decision = _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow)
+    with _gate_lock(cfg.tracking.uri):
+        decision = _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow)
 
     challenger = scores[version]
     for key, value in challenger.items():
@@ -238,8 +247,10 @@ def promote(
     return record
 
 
-def _source(mlflow, client, cfg: Config, run_id, checkpoint):
-    """The checkpoint to register (loaded safely), a description, and its training run id."""
+def _source(mlflow, client, cfg: Config, run_id, checkpoint, loaded=None):
+    """The checkpoint to register (loaded safely), a description, and its training run id.
+
+    ``loaded`` is the checkpoint file's payload when the caller has read it already."""
     if run_id:
         with tempfile.TemporaryDirectory(prefix="knet-run-") as folder:
             try:
@@ -252,7 +263,7 @@ def _source(mlflow, client, cfg: Config, run_id, checkpoint):
                 ) from None
             return load_checkpoint(path), f"runs:/{run_id}/checkpoint/model.pt", run_id
     path = Path(checkpoint or cfg.train.output)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path) if loaded is None else loaded
     linked = payload.get("mlflow_run_id")
     if linked:
         try:
@@ -319,6 +330,33 @@ def _check_metric(metric: str, metrics: dict[str, float]) -> None:
         raise RegistryError(f"registry.metric={metric} is not a metric of this task ({shown})")
 
 
+@contextlib.contextmanager
+def _gate_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise the gates of promotions that share a local store (sqlite or a folder).
+
+    An exclusive ``flock`` on a file beside the store, held while a promotion compares itself
+    with the champion and moves the aliases: racing ``knet promote`` processes then decide one
+    after the other, each against the champion the previous one left. A tracking server offers
+    no lock (MLflow has no compare-and-set of an alias); there the gate is optimistic: it
+    re-reads the champion after evaluating it and again ``settle_s`` after moving it.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri[len("sqlite:///") :])
+    elif "://" not in tracking_uri:
+        store = Path(tracking_uri)
+    else:
+        yield
+        return
+    lock = store.with_name(f".{store.name}.knet-promote.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow) -> dict:
     """Move ``champion`` to ``version`` if it beats the champion; recheck around the move."""
     score = scores[version][metric]
@@ -379,6 +417,19 @@ def _data_tag(cfg: Config, root: Path) -> str:
     return data_hash(cfg, root)
 
 
+def _check_store_exists(tracking_uri: str) -> None:
+    """Reading a model from a sqlite store that does not exist would create an empty one (and
+    its folders) as a side effect; refuse it instead, naming the file."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        path = Path(tracking_uri[len(prefix) :])
+        if str(path) != ":memory:" and not path.is_file():
+            raise RegistryError(
+                f"tracking URI {tracking_uri}: {path} does not exist, so no model is registered "
+                f"there; give the store `knet promote` used (--tracking-uri or tracking.uri)"
+            )
+
+
 def _mlflow(tracking_uri: str):
     import os
 
@@ -395,6 +446,8 @@ def _mlflow(tracking_uri: str):
 
 def lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
     """Version -> run -> params -> data hash -> git commit -> metrics, and how to reproduce."""
+    parse_model_uri(uri)
+    _check_store_exists(tracking_uri)
     mlflow = _mlflow(tracking_uri)
     client = mlflow.MlflowClient()
     version = resolve_version(client, uri)

@@ -231,6 +231,22 @@ def param_space(cfg: Config) -> dict[str, Any]:
     }
 
 
+def explicit_overrides_win(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
+    """``cfg`` without the ``tune.overrides`` items whose key ``overrides`` (``--set``) sets.
+
+    ``tune.overrides`` are applied to every trial after the params, so without this a
+    ``knet tune --set train.epochs=1`` was silently undone by the sweep's ``train.epochs=5``.
+    Returns the config and the items dropped.
+    """
+    explicit = {item.partition("=")[0].strip() for item in overrides}
+    kept = [o for o in cfg.tune.overrides if o.partition("=")[0].strip() not in explicit]
+    dropped = [o for o in cfg.tune.overrides if o not in kept]
+    if not dropped:
+        return cfg, []
+    tune_cfg = dataclasses.replace(cfg.tune, overrides=type(cfg.tune.overrides)(kept))
+    return dataclasses.replace(cfg, tune=tune_cfg), dropped
+
+
 def trial_config(cfg: Config, point: dict[str, int], sweep_dir: Path) -> Config:
     """``cfg`` with ``tune.overrides``, the grid point, and validation at every epoch.
 

@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from knet.tune import explicit_overrides_win
 from pipelines.guard import check_root, check_tracking_uri
 from pipelines.tasks import (
     check_services,
@@ -151,6 +152,7 @@ def ablate_knet(
     if seeds:
         items.append(f"tune.seeds={seeds}")
     cfg, data = _prepare(params, items, root, address, clock)
+    cfg, _ = explicit_overrides_win(cfg, list(overrides or []))  # a caller's keys win
     with clock("tune"):
         sweep = tune_sweep(cfg, root, address)
     summary = {

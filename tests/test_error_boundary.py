@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from knet.checkpoint import save_checkpoint
 from knet.cli import main
-from knet.data.dataset import build_dataset
-from knet.model import build_model
-from tests.test_train import make_data, run_config
+from tests.test_train import make_data, run_config, untrained_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +35,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
     import yaml
 
     params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    val = build_dataset(cfg.data, "val", "panoptic", train=False)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, val.categories.num_things, val.categories.num_stuff)
-    save_checkpoint(tmp / "model.pt", model, cfg, val.categories, epoch=0)
+    untrained_checkpoint(cfg, tmp / "model.pt")
     return {"tmp": tmp, "params": params, "checkpoint": tmp / "model.pt"}
 
 

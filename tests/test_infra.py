@@ -591,7 +591,8 @@ def pod_spec_at(obj: dict[str, Any], where: str) -> dict[str, Any]:
 
 def test_secret_templates_hold_placeholders_only(objects):
     secrets_ = [obj for (kind, _), obj in objects.items() if kind == "Secret"]
-    assert {s["metadata"]["name"] for s in secrets_} == {"knet-mlflow-auth", "knet-ray-token"}
+    assert {s["metadata"]["name"] for s in secrets_} == {
+        "knet-mlflow-auth", "knet-ray-token", "knet-prefect-auth"}  # fmt: skip
     for secret in secrets_:
         assert "data" not in secret  # base64 would hide what is in it
         assert set(secret["stringData"].values()) == {"CHANGE_ME"}
@@ -1091,7 +1092,7 @@ def test_mlflow_server_with_basic_auth(tmp_path, monkeypatch, request, backend):
             http(f"{url}/api/2.0/mlflow/experiments/get?experiment_id={experiment}", viewer)[0]
             == 403
         )
-        auth.create_experiment_permission(experiment, "viewer", "READ")
+        auth.grant_user_permission("viewer", "experiment", experiment, "READ")
         assert http(get_run, viewer)[0] == 200
     finally:
         stop(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,9 +175,11 @@ json.dump(result["segments"], open({str(out) + ".json"!r}, "w"))
 def test_missing_model_alias_or_version_is_a_clear_error(models, tmp_path):
     data, paths = models
     cfg = store_config(data, tmp_path)
-    with pytest.raises(RegistryError, match="registered model 'knet-panoptic' does not exist"):
+    with pytest.raises(RegistryError, match="does not exist, so no model is registered there"):
         load_registered("models:/knet-panoptic@champion", cfg.tracking.uri)
     promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
+    with pytest.raises(RegistryError, match="registered model 'other' does not exist"):
+        load_registered("models:/other@champion", cfg.tracking.uri)
     with pytest.raises(RegistryError, match=r"has no alias 'staging' \(aliases: .*champion -> v1"):
         load_registered("models:/knet-panoptic@staging", cfg.tracking.uri)
     with pytest.raises(RegistryError, match="has no version 7"):
@@ -217,75 +221,92 @@ def test_tampered_weights_are_refused(models, tmp_path):
         load_model_files(weights, config)
 
 
-@pytest.mark.slow
-def test_racing_promotions_end_with_the_better_model(models, tmp_path):
+def race(cfg, tmp: Path, paths: dict[str, Path], order: list[tuple[str, float]]) -> dict:
+    """``knet promote`` processes started in ``order`` ((checkpoint, seconds after the previous
+    start)); returns each one's promotion record."""
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    procs = {}
+    for name, delay in order:
+        time.sleep(delay)
+        procs[name] = subprocess.Popen(
+            ["knet", "promote", "--params", str(params), "--checkpoint", str(paths[name]),
+             "--set", f"registry.output={tmp / f'{name}.json'}"],
+            cwd=tmp, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    outputs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outputs
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name in procs}
+
+
+def check_race(cfg, paths: dict[str, Path], records: dict) -> None:
+    """The best model is champion, ``previous`` is a model that was champion before it, the
+    worst was rejected, and every version is still there with its validation status."""
     import mlflow
 
+    client = mlflow.MlflowClient(cfg.tracking.uri, cfg.tracking.uri)
+    champion = client.get_model_version_by_alias("knet-panoptic", "champion")
+    assert champion.tags["knet.source"] == str(paths["long"]), records
+    assert champion.tags["validation_status"] == "passed"
+    previous = client.get_model_version_by_alias("knet-panoptic", "previous")
+    assert previous.version != champion.version
+    assert champion.tags["promoted_from"] == str(previous.version)
+    assert previous.tags["validation_status"] in ("passed", "rejected"), previous.tags
+    assert records["long"]["decision"] == "promoted", records
+    assert records["untrained"]["decision"] == "rejected", records
+    versions = client.search_model_versions("name='knet-panoptic'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]  # none lost
+    assert all(v.tags.get("validation_status") in ("passed", "rejected") for v in versions)
+
+
+# Interleavings of three real processes: all at once, the best first, the best last.
+ORDERS = {
+    "together": [("short", 0.0), ("untrained", 0.0), ("long", 0.0)],
+    "best-first": [("long", 0.0), ("untrained", 1.0), ("short", 1.0)],
+    "best-last": [("short", 0.0), ("untrained", 1.0), ("long", 2.0)],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ORDERS)
+def test_racing_promotions_end_with_the_best_model(models, tmp_path, order):
     data, paths = models
     cfg = store_config(data, tmp_path)
     # An existing store and champion (a fresh sqlite file would race on its own migrations).
     promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    procs = [
-        subprocess.Popen(
-            [
-                "knet",
-                "promote",
-                "--params",
-                str(params),
-                "--checkpoint",
-                str(paths[name]),
-                "--set",
-                f"registry.output={tmp_path / f'{name}.json'}",
-            ],
-            cwd=tmp_path,
-            env=venv_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in ("short", "long")
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    client = mlflow.MlflowClient(cfg.tracking.uri)
-    champion = client.get_model_version_by_alias("knet-panoptic", "champion")
-    assert champion.tags["knet.source"] == str(paths["long"]), outputs
-    assert champion.tags["validation_status"] == "passed"
+    check_race(cfg, paths, race(cfg, tmp_path, paths, ORDERS[order]))
 
 
-@pytest.mark.slow
-def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
-    data, paths = models
+@contextlib.contextmanager
+def mlflow_server(tmp: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts); its URI."""
     port = free_port()
     env = {**venv_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+         "--artifacts-destination", str(tmp / "server-artifacts"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the server and its workers
-    )
+    )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
+    data, paths = models
+    with mlflow_server(tmp_path) as uri:
         cfg = store_config(data, tmp_path, f"tracking.uri={uri}")
         first = promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
         second = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
@@ -321,9 +342,15 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
         )
         assert predicted.returncode == 0, predicted.stderr
         assert len(list((tmp_path / "predict").glob("*.json"))) == 4
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_racing_promotions_through_an_mlflow_server(models, tmp_path):
+    data, paths = models
+    with mlflow_server(tmp_path) as uri:
+        cfg = store_config(data, tmp_path, f"tracking.uri={uri}")
+        promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
+        check_race(cfg, paths, race(cfg, tmp_path, paths, ORDERS["together"]))
 
 
 def test_a_nan_champion_is_replaced_by_any_finite_challenger(tmp_path):

@@ -275,3 +275,19 @@ def test_a_resumed_schedule_follows_the_new_group_size():
         lrs.append(after.param_groups[0]["lr"])
     # The 10x step at epoch 3 (0-based) lands after exactly one epoch of the new size.
     assert lrs[6] == pytest.approx(1.0) and lrs[7] == pytest.approx(0.1), lrs
+
+
+def untrained_checkpoint(cfg, path: Path) -> Path:
+    """An untrained model of ``cfg`` for its val split's classes, saved as a knet checkpoint
+    (seed 0): what tests that need a loadable checkpoint but no learning use."""
+    import torch
+
+    from knet.checkpoint import save_checkpoint
+    from knet.data.dataset import build_dataset
+    from knet.model import build_model
+
+    val = build_dataset(cfg.data, "val", "panoptic", train=False)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, val.categories.num_things, val.categories.num_stuff)
+    save_checkpoint(path, model, cfg, val.categories, epoch=0)
+    return path

@@ -253,3 +253,21 @@ def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
     assert source_digest()
     with pytest.raises(TrainSetupError, match="tune.name=mine: the sweep in .* other params"):
         _sweep_state(sweep_dir, "mine", sweep_digest(cfg), cfg, tmp_path)
+
+
+def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
+    """`knet tune --set train.epochs=1`: the sweep's own train.epochs=5 must not undo it."""
+    from knet.config import load_config
+    from knet.tune import explicit_overrides_win
+
+    overrides = ["train.epochs=1", "optim.lr_steps=[]"]
+    cfg = load_config(ROOT / "params.yaml", overrides)
+    assert any(o.startswith("train.epochs=") for o in cfg.tune.overrides)
+    cfg, dropped = explicit_overrides_win(cfg, overrides)
+    assert dropped == ["train.epochs=5", "optim.lr_steps=[4]"]
+    assert cfg.tune.overrides == ("train.cpus_per_worker=1",)
+    trial = trial_config(cfg, {"num_stages": 1, "num_kernels": 8, "seed": 0}, tmp_path)
+    assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
+    # Without an explicit key nothing is dropped.
+    same, none = explicit_overrides_win(load_config(ROOT / "params.yaml"), [])
+    assert none == [] and len(same.tune.overrides) == 3

@@ -86,6 +86,18 @@ class PreparedDataset(Dataset):
             raise FileNotFoundError(
                 f"{index_path} does not exist; run `knet data prepare` (or `dvc repro prepare`)"
             ) from None
+        except (OSError, ValueError) as err:  # a folder, unreadable bytes, not JSON
+            raise ValueError(
+                f"{index_path} is not a readable prepared index ({err}); run `knet data "
+                f"prepare` again"
+            ) from None
+        if not isinstance(index, dict) or any(
+            k not in index for k in ("format", "categories", "image_root", "images")
+        ):
+            raise ValueError(
+                f"{index_path} is not a prepared index (expected format, categories, image_root "
+                f"and images); run `knet data prepare` again"
+            )
         self.format = index["format"]
         if self.format not in TASK_FORMATS[task]:
             raise ValueError(
