@@ -128,6 +128,7 @@ def _flip(image, target):
 def run_maskrcnn(args: argparse.Namespace, budget: float) -> dict[str, Any]:
     """Train Mask R-CNN from scratch for ``budget`` seconds of steps; COCO results on val."""
     import torch
+    from PIL import Image
     from pycocotools import mask as mask_utils
     from torchvision.models.detection import maskrcnn_resnet50_fpn
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -175,8 +176,6 @@ def run_maskrcnn(args: argparse.Namespace, budget: float) -> dict[str, Any]:
     with torch.no_grad():
         for image_id in sorted(val.getImgIds()):
             info = val.loadImgs(image_id)[0]
-            from PIL import Image
-
             image = np.array(Image.open(RAW / "val" / info["file_name"]).convert("RGB"))
             tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
             pred = model([tensor])[0]

@@ -340,11 +340,10 @@ def _gate_lock(tracking_uri: str) -> Iterator[None]:
     no lock (MLflow has no compare-and-set of an alias); there the gate is optimistic: it
     re-reads the champion after evaluating it and again ``settle_s`` after moving it.
     """
-    if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri[len("sqlite:///") :])
-    elif "://" not in tracking_uri:
-        store = Path(tracking_uri)
-    else:
+    store = _sqlite_path(tracking_uri)
+    if store is None and "://" not in tracking_uri:
+        store = Path(tracking_uri)  # a folder store
+    if store is None:
         yield
         return
     lock = store.with_name(f".{store.name}.knet-promote.lock")
@@ -417,17 +416,21 @@ def _data_tag(cfg: Config, root: Path) -> str:
     return data_hash(cfg, root)
 
 
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, else None."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
 def _check_store_exists(tracking_uri: str) -> None:
     """Reading a model from a sqlite store that does not exist would create an empty one (and
     its folders) as a side effect; refuse it instead, naming the file."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix):
-        path = Path(tracking_uri[len(prefix) :])
-        if str(path) != ":memory:" and not path.is_file():
-            raise RegistryError(
-                f"tracking URI {tracking_uri}: {path} does not exist, so no model is registered "
-                f"there; give the store `knet promote` used (--tracking-uri or tracking.uri)"
-            )
+    path = _sqlite_path(tracking_uri)
+    if path is not None and str(path) != ":memory:" and not path.is_file():
+        raise RegistryError(
+            f"tracking URI {tracking_uri}: {path} does not exist, so no model is registered "
+            f"there; give the store `knet promote` used (--tracking-uri or tracking.uri)"
+        )
 
 
 def _mlflow(tracking_uri: str):
