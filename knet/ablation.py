@@ -1,10 +1,13 @@
-"""The ablation report of ``knet tune``: one row per trial in, paper-style table and plot out.
+"""The ablation report of ``knet tune``: one row per trial in, paper-style tables and plot out.
 
-Pure functions over plain rows (dicts), no Ray: :func:`cell_stats` groups the trials by
-(update rounds, kernels) and takes mean +- std over seeds; :func:`write_reports` writes
-``ablation.csv`` (one row per trial), ``ablation.md`` (rows = rounds, columns = kernel counts,
-like Table 4 of the paper) and ``ablation.png`` (metric vs rounds and vs kernels, error bars),
-each atomically (temporary file, then rename).
+Pure functions over plain rows (dicts), no Ray. The sweep's **axes** are its grid: dotted
+config keys and their values (rounds x kernels by default, Table 4c/4d; any keys with
+``tune.grid``). :func:`cell_stats` groups the trials into cells (one per combination of axis
+values) and takes mean +- std and a 95% t interval over seeds; :func:`compare` pairs a cell with
+the reference cell (the params' own values) seed by seed. :func:`write_reports` writes
+``ablation.csv`` (one row per trial), ``ablation.md`` (a rows x columns table for two axes,
+like Table 4, one row per cell otherwise; the paired comparison) and ``ablation.png`` (the
+metric against each axis with 95% intervals), each atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The csv's columns, in order; rows may hold more keys (they are ignored).
+# The csv's columns, in order (the swept keys follow "status"); rows may hold more keys.
 COLUMNS = (
     "trial_id",
     "status",
@@ -49,6 +52,9 @@ COLUMNS = (
     "error",
 )
 
+# Grid keys that rows also carry under a short column name, and their labels in the tables.
+SHORT_COLUMNS = {"model.num_stages": "num_stages", "model.num_kernels": "num_kernels"}
+LABELS = {"model.num_stages": "rounds", "model.num_kernels": "kernels"}
 
 # Further metrics shown as tables when the trials reported them (their headline is `metric`).
 SECONDARY = ("val_pq", "val_pq_th", "val_pq_st", "val_sq", "val_rq", "val_ap", "val_miou")
@@ -56,14 +62,20 @@ SECONDARY = ("val_pq", "val_pq_th", "val_pq_st", "val_sq", "val_rq", "val_ap", "
 # A trial's status: ran all epochs; stopped early by ASHA; failed; interrupted before the end.
 STATUSES = ("finished", "stopped", "error", "unfinished")
 
+# Two-sided confidence of every interval, and of the paired test's "significant".
+CONFIDENCE = 0.95
+
+Axes = Mapping[str, Sequence[Any]]
+CellKey = tuple[Any, ...]
+
 
 @dataclass(frozen=True)
 class Cell:
-    """One (rounds, kernels) cell: the metric over its finished seeds."""
+    """One combination of axis values: the metric over its finished seeds."""
 
-    num_stages: int
-    num_kernels: int
+    point: tuple[tuple[str, Any], ...]  # ((dotted key, value), ...) in axis order
     values: tuple[float, ...]
+    seeds: tuple[int, ...]  # the seed of each value, for pairing cells
     params: int | None
     images_per_s: float | None
     failed: int
@@ -77,34 +89,115 @@ class Cell:
     def std(self) -> float:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
+    @property
+    def half_width(self) -> float:
+        """Half the 95% t interval of the mean; NaN with fewer than two seeds."""
+        return _t_half_width(self.values)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.mean - self.half_width, self.mean + self.half_width
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{axis_label(k)} {format_value(v)}" for k, v in self.point)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A cell against the reference cell over the seeds both finished (paired t test)."""
+
+    pairs: int
+    difference: float  # mean of (cell - reference) per seed
+    low: float
+    high: float
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return self.pairs > 1 and self.p_value < 1 - CONFIDENCE
+
+
+def axis_label(key: str) -> str:
+    return LABELS.get(key, key)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def hashable(value: Any) -> Any:
+    """Grid values as dictionary keys (a list value, e.g. optim.lr_steps, becomes a tuple)."""
+    return tuple(hashable(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def row_value(row: Mapping[str, Any], key: str) -> Any:
+    """The value of grid ``key`` in a trial's row (its dotted key, or its short column)."""
+    if key in row:
+        return hashable(row[key])
+    return hashable(row.get(SHORT_COLUMNS.get(key, key)))
+
+
+def cells_of(axes: Axes) -> list[CellKey]:
+    """Every combination of axis values, the first axis slowest (table order)."""
+    keys: list[CellKey] = [()]
+    for values in axes.values():
+        keys = [(*key, hashable(v)) for key in keys for v in values]
+    return keys
+
 
 def cell_stats(
-    rows: Sequence[Mapping[str, Any]],
-    num_stages: Sequence[int],
-    num_kernels: Sequence[int],
-    key: str = "value",
-) -> dict[tuple[int, int], Cell]:
-    """Mean +- std of ``key`` (the sweep's metric by default) per (rounds, kernels) over the
-    trials that finished or that the scheduler stopped."""
+    rows: Sequence[Mapping[str, Any]], axes: Axes, key: str = "value"
+) -> dict[CellKey, Cell]:
+    """Mean +- std of ``key`` (the sweep's metric by default) per cell over the trials that
+    finished or that the scheduler stopped."""
     cells = {}
-    for stages in num_stages:
-        for kernels in num_kernels:
-            group = [r for r in rows if (r["num_stages"], r["num_kernels"]) == (stages, kernels)]
-            done = [
-                r for r in group if r["status"] in ("finished", "stopped") and _finite(r.get(key))
-            ]
-            speeds = [r["images_per_s"] for r in done if _finite(r.get("images_per_s"))]
-            params = next((r["params"] for r in group if r.get("params")), None)
-            cells[stages, kernels] = Cell(
-                num_stages=stages,
-                num_kernels=kernels,
-                values=tuple(float(r[key]) for r in done),
-                params=params,
-                images_per_s=statistics.fmean(speeds) if speeds else None,
-                failed=sum(r["status"] in ("error", "unfinished") for r in group),
-                stopped=sum(r["status"] == "stopped" for r in group),
-            )
+    for cell in cells_of(axes):
+        group = [r for r in rows if tuple(row_value(r, k) for k in axes) == cell]
+        done = [r for r in group if r["status"] in ("finished", "stopped") and _finite(r.get(key))]
+        speeds = [r["images_per_s"] for r in done if _finite(r.get("images_per_s"))]
+        cells[cell] = Cell(
+            point=tuple(zip(axes, cell, strict=True)),
+            values=tuple(float(r[key]) for r in done),
+            seeds=tuple(int(r["seed"]) for r in done),
+            params=next((r["params"] for r in group if r.get("params")), None),
+            images_per_s=statistics.fmean(speeds) if speeds else None,
+            failed=sum(r["status"] in ("error", "unfinished") for r in group),
+            stopped=sum(r["status"] == "stopped" for r in group),
+        )
     return cells
+
+
+def compare(cell: Cell, reference: Cell) -> Comparison | None:
+    """``cell`` minus ``reference`` seed by seed; None without a seed both finished."""
+    theirs = dict(zip(reference.seeds, reference.values, strict=True))
+    diffs = [v - theirs[s] for s, v in zip(cell.seeds, cell.values, strict=True) if s in theirs]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    half = _t_half_width(diffs)
+    p_value = math.nan
+    if len(diffs) > 1:
+        from scipy import stats
+
+        sd = statistics.stdev(diffs)
+        if sd > 0:
+            t = mean / (sd / math.sqrt(len(diffs)))
+            p_value = float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+        else:  # identical differences: significant unless they are all zero
+            p_value = 1.0 if mean == 0 else 0.0
+    return Comparison(len(diffs), mean, mean - half, mean + half, p_value)
+
+
+def reference_cell(axes: Axes, base: Mapping[str, Any]) -> CellKey:
+    """The cell of the params' own values (``base``: dotted key -> value); the first cell when
+    the grid does not hold them."""
+    key = tuple(hashable(base.get(k)) for k in axes)
+    return key if key in cells_of(axes) else cells_of(axes)[0]
 
 
 def write_reports(
@@ -112,76 +205,85 @@ def write_reports(
     out_dir: str | Path,
     *,
     metric: str,
-    num_stages: Sequence[int],
-    num_kernels: Sequence[int],
+    axes: Axes,
+    reference: CellKey | None = None,
     header: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``ablation.{csv,md,png}`` under ``out_dir``; returns their paths by suffix."""
+    """Write ``ablation.{csv,md,png}`` under ``out_dir``; returns their paths by suffix.
+
+    ``reference`` is the cell the others are compared with, seed by seed (default: the first).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: (r["num_stages"], r["num_kernels"], r["seed"]))
-    cells = cell_stats(rows, num_stages, num_kernels)
-    paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
-    _write_text(paths["csv"], render_csv(rows))
-    _write_text(
-        paths["md"], render_markdown(rows, cells, metric, num_stages, num_kernels, header or {})
+    order = {cell: i for i, cell in enumerate(cells_of(axes))}
+    rows = sorted(
+        rows,
+        key=lambda r: (order.get(tuple(row_value(r, k) for k in axes), len(order)), r["seed"]),
     )
-    _write_plot(paths["png"], cells, metric, num_stages, num_kernels)
+    cells = cell_stats(rows, axes)
+    reference = reference if reference in cells else next(iter(cells))
+    paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
+    _write_text(paths["csv"], render_csv(rows, axes))
+    _write_text(paths["md"], render_markdown(rows, cells, metric, axes, reference, header or {}))
+    _write_plot(paths["png"], cells, metric, axes)
     return paths
 
 
-def render_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+def render_csv(rows: Sequence[Mapping[str, Any]], axes: Axes | None = None) -> str:
+    swept = tuple(k for k in (axes or {}) if k not in SHORT_COLUMNS)
+    columns = (*COLUMNS[:2], *swept, *COLUMNS[2:])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return buffer.getvalue()
 
 
 def render_markdown(
     rows: Sequence[Mapping[str, Any]],
-    cells: Mapping[tuple[int, int], Cell],
+    cells: Mapping[CellKey, Cell],
     metric: str,
-    num_stages: Sequence[int],
-    num_kernels: Sequence[int],
+    axes: Axes,
+    reference: CellKey,
     header: Mapping[str, Any],
 ) -> str:
     seeds = max((len({r["seed"] for r in rows}), 1))
-    lines = ["# K-Net ablation: kernel-update rounds x instance kernels", ""]
+    title = " x ".join(
+        {"model.num_stages": "kernel-update rounds", "model.num_kernels": "instance kernels"}.get(
+            k, k
+        )
+        for k in axes
+    )
+    lines = [f"# K-Net ablation: {title}", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     lines += [f"- trials: {len(rows)} ({shown})", ""]
-
-    def table(title: str, grid: Mapping[tuple[int, int], Cell], cell_text) -> None:
-        lines.extend([f"## {title}", ""])
-        lines.append("| rounds \\ kernels | " + " | ".join(str(k) for k in num_kernels) + " |")
-        lines.append("|---:|" + "---:|" * len(num_kernels))
-        for stages in num_stages:
-            texts = [cell_text(grid[stages, kernels]) for kernels in num_kernels]
-            lines.append(f"| {stages} | " + " | ".join(texts) + " |")
-        lines.append("")
-
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    table(f"{metric} at the last epoch ({spread})", cells, _metric_text)
+    lines += _cell_table(f"{metric} at the last epoch ({spread})", cells, axes, _metric_text)
     if counts["stopped"]:
         lines += ["\\* includes trials the scheduler stopped early, at their last epoch.", ""]
-    table("Parameters (millions)", cells, lambda c: f"{c.params / 1e6:.2f}" if c.params else "—")
-    table(
+    lines += _comparison(cells, reference, metric)
+    lines += _cell_table(
+        "Parameters (millions)", cells, axes, lambda c: f"{c.params / 1e6:.2f}" if c.params else "—"
+    )
+    lines += _cell_table(
         "Training throughput (images/s, mean over epochs)",
         cells,
+        axes,
         lambda c: f"{c.images_per_s:.1f}" if c.images_per_s else "—",
     )
     for other in SECONDARY:
         if other != metric and any(_finite(r.get(other)) for r in rows):
-            grid = cell_stats(rows, num_stages, num_kernels, key=other)
-            table(f"{other} ({spread})", grid, _metric_text)
+            grid = cell_stats(rows, axes, key=other)
+            lines += _cell_table(f"{other} ({spread})", grid, axes, _metric_text)
     lines += ["## Trials", ""]
-    shown = ("trial_id", "num_stages", "num_kernels", "seed", "status", "epochs", "value")
+    swept = [(k, SHORT_COLUMNS.get(k, k)) for k in axes]
+    shown = ("trial_id", *(column for _, column in swept), "seed", "status", "epochs", "value")
     times = ("images_per_s", "epochs_s", "trial_s", "ray_train_s", "setup_s", "tracking_s")
-    names = ["trial", "rounds", "kernels", "seed", "status", "epochs", metric, "img/s"]
-    names += ["train s", "trial s", "Ray Train s", "set-up s", "MLflow s"]
+    names = ["trial", *(axis_label(k) for k, _ in swept), "seed", "status", "epochs", metric]
+    names += ["img/s", "train s", "trial s", "Ray Train s", "set-up s", "MLflow s"]
     lines.append("| " + " | ".join(names) + " |")
     lines.append("|" + "---|" * len(names))
     for row in rows:
@@ -193,6 +295,72 @@ def render_markdown(
         lines += [f"- {r['trial_id']}: {r.get('error') or r['status']}" for r in errors]
     lines += ["", _time_summary(rows), ""]
     return "\n".join(lines)
+
+
+def _cell_table(title: str, cells: Mapping[CellKey, Cell], axes: Axes, text) -> list[str]:
+    """Two axes: rows x columns, like the paper's Table 4; otherwise one row per cell."""
+    lines = [f"## {title}", ""]
+    keys = list(axes)
+    if len(keys) == 2:
+        rows_key, cols_key = keys
+        columns = [hashable(v) for v in axes[cols_key]]
+        head = f"| {axis_label(rows_key)} \\ {axis_label(cols_key)} | "
+        lines.append(head + " | ".join(format_value(v) for v in columns) + " |")
+        lines.append("|---:|" + "---:|" * len(columns))
+        for value in axes[rows_key]:
+            texts = [text(cells[hashable(value), c]) for c in columns]
+            lines.append(f"| {format_value(value)} | " + " | ".join(texts) + " |")
+    else:
+        lines.append("| " + " | ".join(axis_label(k) for k in keys) + " | value |")
+        lines.append("|" + "---:|" * (len(keys) + 1))
+        for cell in cells.values():
+            values = " | ".join(format_value(v) for _, v in cell.point)
+            lines.append(f"| {values} | {text(cell)} |")
+    lines.append("")
+    return lines
+
+
+def _comparison(cells: Mapping[CellKey, Cell], reference: CellKey, metric: str) -> list[str]:
+    """Each cell's 95% interval, and its difference from the reference cell, seed by seed."""
+    ref = cells[reference]
+    lines = [
+        f"## {metric}: 95% intervals, and each cell against {ref.label or 'the reference'} "
+        "(paired by seed)",
+        "",
+        "Intervals are Student-t over seeds; a difference is significant when its paired "
+        f"interval excludes 0 (two-sided p < {1 - CONFIDENCE:.2f}). One seed gives no interval.",
+        "",
+        "| cell | seeds | mean ± std | 95% interval | Δ vs reference | 95% interval of Δ | p "
+        "| significant |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, cell in cells.items():
+        interval = _interval_text(*cell.interval) if len(cell.values) > 1 else "—"
+        mean = "—" if not cell.values else f"{cell.mean:.1f} ± {cell.std:.1f}"
+        if key == reference:
+            lines.append(
+                f"| {cell.label} (reference) | {len(cell.values)} | {mean} | {interval} | | | | |"
+            )
+            continue
+        diff = compare(cell, ref)
+        if diff is None:
+            lines.append(
+                f"| {cell.label} | {len(cell.values)} | {mean} | {interval} | — | — | — | — |"
+            )
+            continue
+        paired = _interval_text(diff.low, diff.high) if diff.pairs > 1 else "—"
+        p = f"{diff.p_value:.3f}" if math.isfinite(diff.p_value) else "—"
+        verdict = "yes" if diff.significant else ("no" if diff.pairs > 1 else "— (1 seed)")
+        lines.append(
+            f"| {cell.label} | {len(cell.values)} | {mean} | {interval} | {diff.difference:+.1f} "
+            f"| {paired} | {p} | {verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _interval_text(low: float, high: float) -> str:
+    return f"[{low:.1f}, {high:.1f}]"
 
 
 def _time_summary(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -221,50 +389,57 @@ def _metric_text(cell: Cell) -> str:
     return text
 
 
-def _write_plot(
-    path: Path,
-    cells: Mapping[tuple[int, int], Cell],
-    metric: str,
-    num_stages: Sequence[int],
-    num_kernels: Sequence[int],
-) -> None:
+def _write_plot(path: Path, cells: Mapping[CellKey, Cell], metric: str, axes: Axes) -> None:
+    """One panel per axis: the metric (mean, 95% interval over seeds) against the axis's
+    values, one line per combination of the other axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    per_kernels = {f"{k} kernels": [cells[s, k] for s in num_stages] for k in num_kernels}
-    per_rounds = {f"{s} rounds": [cells[s, k] for k in num_kernels] for s in num_stages}
-    _panel(left, metric, "update rounds", "kernel update rounds", num_stages, "o", per_kernels)
-    _panel(right, metric, "kernels", "instance kernels", num_kernels, "s", per_rounds)
+    keys = list(axes)
+    fig, panels = plt.subplots(
+        1, len(keys), figsize=(5 * len(keys), 4), constrained_layout=True, squeeze=False
+    )
+    for i, (axis, panel) in enumerate(zip(keys, panels[0], strict=True)):
+        lines: dict[str, list[Cell]] = {}
+        for cell in cells.values():
+            others = [(k, v) for k, v in cell.point if k != axis]
+            label = ", ".join(f"{axis_label(k)} {format_value(v)}" for k, v in others)
+            lines.setdefault(label or metric, []).append(cell)
+        _panel(panel, metric, axis, [format_value(v) for v in axes[axis]], "os^Dv"[i % 5], lines)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
 
 
-def _panel(axes, metric: str, versus: str, xlabel: str, xs, marker: str, lines) -> None:
-    """One panel: ``metric`` (mean +- std over seeds) against ``xs``, one line per label."""
+def _panel(axes, metric: str, axis: str, ticks: list[str], marker: str, lines) -> None:
+    """``metric`` against the values of ``axis``; error bars: the 95% interval over seeds."""
+    xs = list(range(len(ticks)))
     for label, line in lines.items():
-        axes.errorbar(
-            xs,
-            [c.mean for c in line],
-            yerr=[c.std for c in line],
-            marker=marker,
-            capsize=3,
-            label=label,
-        )
-    axes.set(xlabel=xlabel, ylabel=metric, xticks=list(xs))
-    axes.set_title(f"{metric} vs {versus}")
+        half = [c.half_width if math.isfinite(c.half_width) else 0.0 for c in line]
+        axes.errorbar(xs, [c.mean for c in line], yerr=half, marker=marker, capsize=3, label=label)
+    axes.set(xlabel=axis_label(axis), ylabel=metric, xticks=xs, xticklabels=ticks)
+    axes.set_title(f"{metric} vs {axis_label(axis)} (95% intervals)")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if len(lines) > 1:
+        axes.legend(fontsize="small")
 
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _t_half_width(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    from scipy import stats
+
+    quantile = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1))
+    return quantile * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _finite(value: Any) -> bool:
@@ -283,4 +458,13 @@ def _md_value(value: Any) -> str:
     return "—" if value is None or value == "" else str(value)
 
 
-__all__ = ["Cell", "cell_stats", "render_csv", "render_markdown", "write_reports"]
+__all__ = [
+    "Cell",
+    "Comparison",
+    "cell_stats",
+    "compare",
+    "reference_cell",
+    "render_csv",
+    "render_markdown",
+    "write_reports",
+]

@@ -8,6 +8,7 @@ Subcommands arrive with the stages they run; today: ``knet config``, ``knet mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -58,14 +59,27 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     classes = f"{args.num_things} thing classes"
     if cfg.model.task != "instance":
         classes += f" + {args.num_stuff} stuff classes"
+    m = cfg.model
     print(
-        f"K-Net {cfg.model.task}, ResNet-{cfg.model.backbone.depth}, {classes}, "
-        f"{cfg.model.num_kernels} kernels, {cfg.model.num_stages} rounds"
+        f"K-Net {m.task}, ResNet-{m.backbone.depth}, {classes}, "
+        f"{m.num_kernels} kernels, {m.num_stages} rounds; kernel updater {m.kernel_updater}, "
+        f"kernel interaction {'on' if m.kernel_interaction else 'off'}, "
+        f"positional encoding {m.positional_encoding}"
     )
     width = max(map(len, counts))
     for name, value in counts.items():
         print(f"  {name:<{width}}  {value:>12,}")
     print(f"  {'trainable':<{width}}  {trainable:>12,}")
+    if args.variants:
+        from knet.model import variant_parameter_counts
+
+        rows = variant_parameter_counts(m, args.num_things, args.num_stuff)
+        base = rows[0][1]
+        width = max(len(name) for name, _ in rows)
+        print("Table 4 variants (one switch changed from this config):")
+        print(f"  {'variant':<{width}}  {'parameters':>12}  {'vs this config':>14}")
+        for name, value in rows:
+            print(f"  {name:<{width}}  {value:>12,}  {value - base:>+14,}")
     return 0
 
 
@@ -228,11 +242,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from knet.ablation import format_value
     from knet.tune import explicit_overrides_win, tune
 
-    cfg, dropped = explicit_overrides_win(_config(args), args.overrides)
+    # An explicit --set or --grid key wins over the same key in tune.overrides.
+    cfg, dropped = explicit_overrides_win(_config(args), [*args.overrides, *args.grid])
     if dropped:
-        print(f"--set wins over tune.overrides: not applying {', '.join(dropped)}")
+        print(f"--set / --grid win over tune.overrides: not applying {', '.join(dropped)}")
+    if args.grid:
+        cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, grid=tuple(args.grid)))
     summary = tune(cfg, address=args.address)
     print(Path(summary["reports"]["md"]).read_text())
     print(f"sweep {summary['name']}: {len(summary['rows'])} trials in {summary['seconds']} s")
@@ -240,10 +258,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"  {kind}: {path}")
     best = summary["best"]
     if best:
+        point = ", ".join(f"{k}={format_value(best.get(k))}" for k in summary["axes"])
         print(
-            f"best trial {best['trial_id']} ({best['num_stages']} rounds, "
-            f"{best['num_kernels']} kernels, seed {best['seed']}): {summary['metric']} "
-            f"{best['value']:.2f}; checkpoint {best['checkpoint']}"
+            f"best trial {best['trial_id']} ({point}, seed {best['seed']}): "
+            f"{summary['metric']} {best['value']:.2f}; checkpoint {best['checkpoint']}"
         )
     if summary.get("parent_run_id"):
         print(f"MLflow parent run: {summary['parent_run_id']}")
@@ -356,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument(
         "--num-stuff", type=int, default=53, help="stuff classes (default: %(default)s, COCO)"
+    )
+    summary.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the total of every Table-4 variant (kernel updater, interaction, PE)",
     )
     summary.set_defaults(func=cmd_model_summary)
 
@@ -471,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(tune)
     tune.add_argument(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local instance)"
+    )
+    tune.add_argument(
+        "--grid",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep these keys instead of rounds x kernels (tune.grid), e.g. --grid "
+        "model.num_stages=1,2,3 model.kernel_interaction=true,false",
     )
     tune.set_defaults(func=cmd_tune)
 

@@ -144,8 +144,10 @@ class BackboneConfig:
 class PostprocessConfig:
     """Inference settings (spec §6)."""
 
-    # Instance results kept per image: top-k over (kernel, class) pairs.
-    max_per_image: int = 100
+    # Instance results kept per image: top-k over (kernel, class) pairs. None (the official
+    # test_cfg, max_per_img = num_proposals) keeps as many as there are thing kernels, so a
+    # kernel-count sweep does not also sweep this cut.
+    max_per_image: int | None = None
     # Probability threshold that binarises a mask.
     mask_threshold: float = 0.5
     # Panoptic merge: thing kernels scoring below this are dropped.
@@ -181,6 +183,15 @@ class ModelConfig:
     normalize_group_features: bool = False
     # Dropout before the semantic classifier (semantic task only; mmseg decode heads use 0.1).
     semantic_dropout: float = 0.1
+    # Ablation switches of the paper's Table 4; the defaults are the official model.
+    # How a round updates its kernels from the group features: the gated update (adaptive),
+    # their plain sum (kernel + group feature), or not at all (none: kernels pass unchanged).
+    kernel_updater: Literal["adaptive", "sum", "none"] = "adaptive"
+    # Kernel interaction (MHSA + FFN over an image's kernels) in every round.
+    kernel_interaction: bool = True
+    # Position information given to P5 in the fuser: sine added (official), CoordConv (two
+    # coordinate channels concatenated) or none.
+    positional_encoding: Literal["sine", "coordconv", "none"] = "sine"
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
@@ -285,6 +296,10 @@ class TuneConfig:
     num_stages: tuple[int, ...] = (1, 2, 3)
     # Instance (thing) kernel counts to try (model.num_kernels).
     num_kernels: tuple[int, ...] = (8, 16)
+    # A grid over any config keys instead of rounds x kernels: "dotted.key=v1,v2,..." items
+    # (values as YAML), e.g. ["model.num_stages=1,2,3", "model.kernel_interaction=true,false"];
+    # the trials are their product x seeds. Empty = rounds x kernels from the two lists above.
+    grid: tuple[str, ...] = ()
     # Repeats of every cell, with seeds train.seed, train.seed + 1, ...; the table shows
     # mean +- std over them.
     seeds: int = 1
@@ -327,6 +342,12 @@ class TuneConfig:
                 raise ConfigError(f"tune.{key} must list at least one value")
             if len(set(values)) != len(values):
                 raise ConfigError(f"tune.{key} lists a value twice: {list(values)}")
+        for i, item in enumerate(self.grid):
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip() or not raw.strip():
+                raise ConfigError(
+                    f"tune.grid[{i}] must look like dotted.key=v1,v2,...; got {item!r}"
+                )
 
 
 # The metrics of knet evaluate a promotion may gate on (higher is better for each).

@@ -109,11 +109,14 @@ def instance_postprocess(
 ) -> InstanceResult:
     """Top-k over (kernel, class) pairs, class score only, masks binarised, no NMS (spec §6.1).
 
+    k is ``cfg.max_per_image``, or the number of thing kernels N when that is unset.
+
     Args:
         cls_logits: (N, K) of the thing kernels. mask_logits: (N, h, w).
     """
     scores = cls_logits[:, :num_thing_classes].float().sigmoid()  # (N, T)
-    k = min(cfg.max_per_image, scores.numel())
+    limit = cfg.max_per_image or len(scores)  # unset: one result per thing kernel (official)
+    k = min(limit, scores.numel())
     top_scores, flat = scores.flatten().topk(k)  # (k,)
     kernels = flat // num_thing_classes
     labels = flat % num_thing_classes

@@ -1,4 +1,6 @@
-"""``knet tune``: the paper's Table 4c/4d (update rounds x kernels) as one Ray Tune sweep.
+"""``knet tune``: the paper's Table 4 as one Ray Tune sweep (update rounds x kernels by
+default, Table 4c/4d; any config keys with ``tune.grid`` / ``--grid``, e.g. the component
+switches of Table 4a/4b).
 
 :func:`tune` (checks, Ray, the sweep's parent MLflow run, restore or start) -> a Ray Tune
 ``Tuner`` over :func:`trial_driver` (one trial per grid point: the Tune-over-Train V2 pattern,
@@ -25,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from knet.ablation import write_reports
+import yaml
+
+from knet.ablation import format_value, hashable, reference_cell, write_reports
 from knet.config import Config, ConfigError, apply_override, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.categories import Categories
@@ -60,7 +64,8 @@ def tune(
         address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one
             with the dashboard on 127.0.0.1:8265.
         test_hooks: test-only fault injection per grid point:
-            ``{"trials": [{"match": {"num_stages": 1}, "hooks": {...}}]}``, where the hooks are
+            ``{"trials": [{"match": {"num_stages": 1}, "hooks": {...}}]}`` (match on grid keys,
+            ``num_stages``, ``num_kernels`` or ``seed``), where the hooks are
             those of :func:`knet.train.train` plus ``{"fail": {"epoch": 0, "while": path}}``.
 
     Returns:
@@ -81,6 +86,7 @@ def tune(
     metric = metric_name(cfg)
     if cfg.train.num_workers < 1:
         raise TrainSetupError("knet tune needs Ray Train workers: set train.num_workers >= 1")
+    axes = grid_axes(cfg)
     grid = grid_points(cfg)
     trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
     check_inputs(cfg)
@@ -142,7 +148,11 @@ def tune(
     params = parameter_counts(cfg, grid)
     epochs = first.train.epochs
     early = "stopped" if cfg.tune.scheduler == "asha" else "unfinished"
-    rows = [_row(result, sweep_dir, metric, params, epochs, early) for result in results]
+    rows = [
+        _row(result, sweep_dir, metric, axes, trial_cfgs, params, epochs, early)
+        for result in results
+    ]
+    reference = reference_cell(axes, base_values(cfg, axes))
     seconds = time.perf_counter() - started
     header = {
         "sweep": f"`{name}` ({'restored' if restored else 'new'}, {concurrency} trial(s) at once)",
@@ -150,6 +160,8 @@ def tune(
         "time": f"{seconds:.0f} s wall in this invocation (trial times below include earlier ones)"
         if restored
         else _time_split(rows, seconds, concurrency),
+        "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
+        + f"; seeds {', '.join(str(p['seed']) for p in _seed_points(grid))}",
         "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
         "data": sweep["tags"].get("data_hash", "?"),
         "commit": f"{sweep['tags'].get('git_commit', '?')} "
@@ -160,8 +172,8 @@ def tune(
         rows,
         cfg.tune.report_dir,
         metric=metric,
-        num_stages=cfg.tune.num_stages,
-        num_kernels=cfg.tune.num_kernels,
+        axes=axes,
+        reference=reference,
         header=header,
     )
     best = _best(rows, cfg.tune.mode)
@@ -171,6 +183,7 @@ def tune(
     return {
         "name": name,
         "path": str(sweep_dir),
+        "axes": list(axes),
         "rows": rows,
         "reports": {k: str(v) for k, v in reports.items()},
         "best": best,
@@ -209,26 +222,113 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def grid_points(cfg: Config) -> dict[tuple[int, int, int], dict[str, int]]:
-    """Every (rounds, kernels, seed) of the sweep, in table order."""
+# Grid keys that the trials' names, rows and MLflow params also give a short name.
+SHORT_KEYS = {"model.num_stages": "num_stages", "model.num_kernels": "num_kernels"}
+NAME_PREFIX = {"model.num_stages": "rounds", "model.num_kernels": "kernels"}
+
+
+def grid_axes(cfg: Config) -> dict[str, tuple[Any, ...]]:
+    """The sweep's axes: dotted key -> values, from ``tune.grid`` or rounds x kernels.
+
+    Every value is checked by building a trial's config with it, so a wrong key or value fails
+    before Ray starts, naming ``tune.grid[i]``.
+    """
+    items = cfg.tune.grid or (
+        f"model.num_stages={','.join(map(str, cfg.tune.num_stages))}",
+        f"model.num_kernels={','.join(map(str, cfg.tune.num_kernels))}",
+    )
+    overridden = {o.partition("=")[0].strip() for o in cfg.tune.overrides}
+    axes: dict[str, tuple[Any, ...]] = {}
+    for i, item in enumerate(items):
+        where = f"tune.grid[{i}]" if cfg.tune.grid else "tune.num_stages / tune.num_kernels"
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key in axes:
+            raise ConfigError(f"{where}: {key} is listed twice")
+        if key == "train.seed":
+            raise ConfigError(f"{where}: seeds are tune.seeds (train.seed, train.seed + 1, ...)")
+        if key in overridden:
+            raise ConfigError(f"{where}: {key} is also set by tune.overrides; keep one of them")
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: values {raw!r} are not valid YAML: {err}") from None
+        if not values:
+            raise ConfigError(f"{where}: {key} must list at least one value")
+        if len({repr(hashable(v)) for v in values}) != len(values):
+            raise ConfigError(f"{where}: {key} lists a value twice: {values}")
+        for value in values:
+            data = cfg.to_dict()
+            try:
+                apply_override(data, f"{key}={_yaml_value(value)}")
+                config_from_dict(data)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        axes[key] = tuple(values)
+    return axes
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def grid_points(cfg: Config) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Every (axis values..., seed) of the sweep, in table order; the point holds the dotted
+    keys and ``seed``."""
+    from knet.ablation import cells_of
+
+    axes = grid_axes(cfg)
     seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
-    return {
-        (s, k, seed): {"num_stages": s, "num_kernels": k, "seed": seed}
-        for s in cfg.tune.num_stages
-        for k in cfg.tune.num_kernels
-        for seed in seeds
-    }
+    points = {}
+    for cell in cells_of(axes):
+        originals = dict(zip(axes, _originals(axes, cell), strict=True))
+        for seed in seeds:
+            points[(*cell, seed)] = {**originals, "seed": seed}
+    return points
+
+
+def _originals(axes: dict[str, tuple[Any, ...]], cell: tuple[Any, ...]) -> list[Any]:
+    """The axis values as written (lists stay lists) for a cell of hashable values."""
+    return [
+        next(v for v in values if hashable(v) == c)
+        for values, c in zip(axes.values(), cell, strict=True)
+    ]
+
+
+def _seed_points(grid: dict[tuple[Any, ...], dict[str, Any]]) -> list[dict[str, Any]]:
+    first = next(iter(grid.values()))
+    return [p for p in grid.values() if all(p[k] == first[k] for k in first if k != "seed")]
+
+
+def base_values(cfg: Config, axes: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """The params' own value (after ``tune.overrides``) of every axis key: the reference cell."""
+    data = cfg.to_dict()
+    for item in cfg.tune.overrides:
+        apply_override(data, item)
+    values = {}
+    for key in axes:
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[key] = node
+    return values
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
     from ray import tune as ray_tune
 
     seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
-    return {
-        "num_stages": ray_tune.grid_search(list(cfg.tune.num_stages)),
-        "num_kernels": ray_tune.grid_search(list(cfg.tune.num_kernels)),
-        "seed": ray_tune.grid_search(seeds),
-    }
+    space = {key: ray_tune.grid_search(list(values)) for key, values in grid_axes(cfg).items()}
+    return {**space, "seed": ray_tune.grid_search(seeds)}
+
+
+def _full_point(point: dict[str, Any]) -> dict[str, Any]:
+    """``point`` with the short names (``num_stages``, ``num_kernels``) as dotted keys."""
+    full = dict(point)
+    for dotted, short in SHORT_KEYS.items():
+        if short in full:
+            full.setdefault(dotted, full.pop(short))
+    return full
 
 
 def explicit_overrides_win(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
@@ -247,22 +347,26 @@ def explicit_overrides_win(cfg: Config, overrides: list[str]) -> tuple[Config, l
     return dataclasses.replace(cfg, tune=tune_cfg), dropped
 
 
-def trial_config(cfg: Config, point: dict[str, int], sweep_dir: Path) -> Config:
+def trial_config(cfg: Config, point: dict[str, Any], sweep_dir: Path) -> Config:
     """``cfg`` with ``tune.overrides``, the grid point, and validation at every epoch.
 
-    Every trial validates each epoch because Tune's schedulers compare trials at each report;
-    its Train runs live under ``<sweep>/train``.
+    ``point`` holds dotted keys (``num_stages`` / ``num_kernels`` name the model's) and
+    ``seed``. Every trial validates each epoch because Tune's schedulers compare trials at each
+    report; its Train runs live under ``<sweep>/train``.
     """
+    point = _full_point(point)
     data = cfg.to_dict()
     for i, item in enumerate(cfg.tune.overrides):
         key = item.partition("=")[0].strip()
-        if key in ("model.num_stages", "model.num_kernels", "train.seed"):
+        if key == "train.seed" or (key in point and key != "seed"):
             raise ConfigError(f"tune.overrides[{i}] sets {key}, which the sweep's grid sets")
         try:
             apply_override(data, item)
         except ConfigError as err:
             raise ConfigError(f"tune.overrides[{i}]: {err}") from None
-    data["model"].update(num_stages=point["num_stages"], num_kernels=point["num_kernels"])
+    for key, value in point.items():
+        if key != "seed":
+            apply_override(data, f"{key}={_yaml_value(value)}")
     data["train"].update(seed=point["seed"], eval_every=1, storage_path=str(sweep_dir / "train"))
     try:
         return config_from_dict(data)
@@ -285,18 +389,19 @@ def concurrent_trials(cfg: Config, limit: int = 0) -> int:
     return max(1, count)
 
 
-def parameter_counts(cfg: Config, grid) -> dict[tuple[int, int], int]:
-    """Trainable parameters per (rounds, kernels), with the class counts of the train split."""
+def parameter_counts(cfg: Config, grid) -> dict[tuple[Any, ...], int]:
+    """Parameters per cell (the grid keys without the seed), with the train split's classes."""
     from knet.model import build_model
 
     index = Path(cfg.data.prepared) / cfg.data.train_split / "index.json"
     cats = Categories.from_json(json.loads(index.read_text())["categories"])
     counts = {}
-    for stages, kernels, _seed in grid:
-        if (stages, kernels) not in counts:
-            model_cfg = dataclasses.replace(cfg.model, num_stages=stages, num_kernels=kernels)
+    for key, point in grid.items():
+        cell = key[:-1]
+        if cell not in counts:
+            model_cfg = trial_config(cfg, point, Path()).model
             model = build_model(model_cfg, cats.num_things, cats.num_stuff)
-            counts[stages, kernels] = sum(p.numel() for p in model.parameters())
+            counts[cell] = sum(p.numel() for p in model.parameters())
     return counts
 
 
@@ -304,8 +409,20 @@ def trial_name(trial) -> str:
     return _point_name(trial.config)
 
 
-def _point_name(point: dict[str, int]) -> str:
-    return f"rounds{point['num_stages']}-kernels{point['num_kernels']}-seed{point['seed']}"
+def _point_name(point: dict[str, Any]) -> str:
+    """``rounds3-kernels16-seed0``; other keys as ``<last part>=<value>``."""
+    parts = []
+    for key, value in _full_point(point).items():
+        if key == "seed":
+            continue
+        text = format_value(value)
+        parts.append(
+            f"{NAME_PREFIX[key]}{text}"
+            if key in NAME_PREFIX
+            else f"{key.rsplit('.', 1)[-1]}={text}"
+        )
+    name = "-".join([*parts, f"seed{point['seed']}"])
+    return "".join(ch if ch.isalnum() or ch in "-_.=," else "_" for ch in name)
 
 
 def trial_dirname(trial) -> str:
@@ -340,14 +457,18 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
     began = time.perf_counter()
     trial_id = ray_tune.get_context().get_trial_id()
     sweep_dir = Path(payload["sweep_dir"])
-    cfg = trial_config(config_from_dict(payload["config"]), config, sweep_dir)
-    point = {k: config[k] for k in ("num_stages", "num_kernels", "seed")}
-    hooks = next((h["hooks"] for h in payload["test_hooks"] if _matches(h["match"], point)), {})
+    point = dict(config)
+    cfg = trial_config(config_from_dict(payload["config"]), point, sweep_dir)
+    short = {"num_stages": cfg.model.num_stages, "num_kernels": cfg.model.num_kernels}
+    names = {**point, **short}
+    hooks = next((h["hooks"] for h in payload["test_hooks"] if _matches(h["match"], names)), {})
     loop_config = {
         "config": cfg.to_dict(),
         "run_name": _point_name(point),
-        "tags": {**payload["tags"], "knet.trial_id": trial_id},
-        "extra_params": {k: str(v) for k, v in point.items()},
+        "tags": {**payload["tags"], "knet.trial_id": trial_id, "knet.grid": ",".join(point)},
+        # The config's params are logged with dotted keys; these short ones ease the UI's
+        # chart view (num_stages, num_kernels, seed are columns of every sweep).
+        "extra_params": {**{k: str(v) for k, v in short.items()}, "seed": str(point["seed"])},
         "kernel_maps": False,
         "label": _point_name(point),
         "test_hooks": hooks,
@@ -372,7 +493,7 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
     write_json_atomic(sweep_dir / TRIALS_DIR / f"{trial_id}.json", record, indent=2)
 
 
-def _matches(match: dict[str, int], point: dict[str, int]) -> bool:
+def _matches(match: dict[str, Any], point: dict[str, Any]) -> bool:
     return all(point.get(k) == v for k, v in match.items())
 
 
@@ -383,11 +504,15 @@ def _row(
     result,
     sweep_dir: Path,
     metric: str,
-    params: dict[tuple[int, int], int],
+    axes: dict[str, tuple[Any, ...]],
+    trial_cfgs: dict[tuple[Any, ...], Config],
+    params: dict[tuple[Any, ...], int],
     epochs: int,
     early: str,
 ) -> dict:
     config = result.config
+    cell = tuple(hashable(config[k]) for k in axes)
+    trial_cfg = trial_cfgs[(*cell, config["seed"])]
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.split("-")[0]
     record_path = sweep_dir / TRIALS_DIR / f"{trial_id}.json"
@@ -407,13 +532,14 @@ def _row(
     row = {
         "trial_id": trial_id,
         "status": status,
-        "num_stages": config["num_stages"],
-        "num_kernels": config["num_kernels"],
+        **{key: config[key] for key in axes},
+        "num_stages": trial_cfg.model.num_stages,
+        "num_kernels": trial_cfg.model.num_kernels,
         "seed": config["seed"],
         "epochs": metrics.get("epoch"),
         "metric": metric,
         "value": float(value) if isinstance(value, int | float) else math.nan,
-        "params": params.get((config["num_stages"], config["num_kernels"])),
+        "params": params.get(cell),
         "images_per_s": statistics.fmean(speeds) if speeds else math.nan,
         "trial_s": timings.get("driver_s", math.nan),
         "mlflow_run_id": record.get("mlflow_run_id"),
@@ -533,4 +659,12 @@ def _print_start(name: str, sweep_dir: Path, trials: int, concurrency: int, metr
         log.info("  Ray dashboard: http://%s", url)
 
 
-__all__ = ["default_sweep_name", "grid_points", "trial_config", "trial_driver", "tune"]
+__all__ = [
+    "base_values",
+    "default_sweep_name",
+    "grid_axes",
+    "grid_points",
+    "trial_config",
+    "trial_driver",
+    "tune",
+]

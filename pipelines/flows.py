@@ -14,6 +14,7 @@ or deploy them (``prefect.yaml``) and ``prefect deployment run train-knet/train-
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ def ablate_knet(
     num_stages: list[int] | None = None,
     num_kernels: list[int] | None = None,
     seeds: int | None = None,
+    grid: list[str] | None = None,
     address: str | None = None,
     tracking_uri: str | None = None,
     root: str = ".",
@@ -137,6 +139,7 @@ def ablate_knet(
     Args:
         num_stages, num_kernels, seeds: shorthands for tune.num_stages, tune.num_kernels,
             tune.seeds (the grid).
+        grid: ``dotted.key=v1,v2`` items sweeping any keys instead (tune.grid, as --grid).
         register_best: register the best trial as a challenger (gated like any promotion).
         Other arguments as in :func:`train_knet`.
     """
@@ -151,8 +154,11 @@ def ablate_knet(
         items.append(f"tune.num_kernels={list(num_kernels)}")
     if seeds:
         items.append(f"tune.seeds={seeds}")
+    if grid:
+        items.append(f"tune.grid={json.dumps(list(grid))}")  # JSON is YAML; commas stay inside
     cfg, data = _prepare(params, items, root, address, clock)
-    cfg, _ = explicit_overrides_win(cfg, list(overrides or []))  # a caller's keys win
+    # a caller's keys (overrides, grid) win over tune.overrides
+    cfg, _ = explicit_overrides_win(cfg, [*(overrides or []), *(grid or [])])
     with clock("tune"):
         sweep = tune_sweep(cfg, root, address)
     summary = {
@@ -165,7 +171,8 @@ def ablate_knet(
     }
     best = sweep["best"]
     if best:
-        summary["best"] = {k: best[k] for k in ("trial_id", "num_stages", "num_kernels", "value")}
+        keys = ("trial_id", *sweep["axes"], "num_stages", "num_kernels", "seed", "value")
+        summary["best"] = {k: best.get(k) for k in keys}
         if register_best and best.get("checkpoint"):
             with clock("registry"):
                 decision = promote_model(cfg, root, best["checkpoint"])

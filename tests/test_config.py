@@ -31,7 +31,13 @@ def test_coco_panoptic_preset_has_the_papers_values():
     assert (m.num_heads, m.ffn_channels, m.num_groups, m.kernel_init_std) == (8, 2048, 32, 1.0)
     assert (m.backbone.frozen_stages, m.backbone.norm_eval) == (1, True)
     p = m.postprocess
-    assert (p.max_per_image, p.instance_score_threshold, p.overlap_threshold) == (100, 0.3, 0.6)
+    # max_per_image unset = one result per thing kernel (100), as the official test_cfg
+    assert (p.max_per_image, p.instance_score_threshold, p.overlap_threshold) == (None, 0.3, 0.6)
+    assert (m.kernel_updater, m.kernel_interaction, m.positional_encoding) == (
+        "adaptive",
+        True,
+        "sine",
+    )
     o = cfg.optim
     assert (o.lr, o.weight_decay, o.backbone_lr_mult, o.clip_grad_norm) == (1e-4, 0.05, 0.25, 1.0)
     assert (o.warmup_iters, o.lr_steps, cfg.train.epochs) == (1000, (8, 11), 12)

@@ -209,7 +209,13 @@ def test_instance_topk_sorted_and_one_kernel_two_classes() -> None:
 def test_instance_max_per_image_larger_than_pairs() -> None:
     cls_logits = torch.randn(3, 2)
     res = instance_postprocess(
-        cls_logits, torch.randn(3, 2, 2), 2, (16, 16), (16, 16), (16, 16), CFG
+        cls_logits,
+        torch.randn(3, 2, 2),
+        2,
+        (16, 16),
+        (16, 16),
+        (16, 16),
+        PostprocessConfig(max_per_image=100),
     )
     assert len(res.scores) == 6
     assert sorted(res.scores.tolist()) == sorted(cls_logits.sigmoid().flatten().tolist())
@@ -289,7 +295,7 @@ def test_postprocess_instance_from_panoptic_model_uses_thing_kernels() -> None:
     assert len(results) == 2
     for b, res in enumerate(results):
         assert isinstance(res, InstanceResult)
-        assert len(res.scores) == 3 * 2  # thing kernels x thing classes, stuff kernels unused
+        assert len(res.scores) == 3  # top-k, k = 3 thing kernels (official); stuff kernels unused
         assert float(res.scores.max()) < 1 / (1 + math.exp(-10.0))
         ref = instance_postprocess(
             out.last.cls_logits[b, :3, :2],
@@ -342,9 +348,9 @@ def test_postprocess_instance_model_with_dataset_class_counts() -> None:
     # model has no stuff kernels, so all 4 kernels are thing kernels whatever the stuff count.
     out = _instance_model_output()
     (res,) = postprocess(out, "instance", 2, 3, [(16, 24)], [(16, 24)], CFG)
-    assert len(res.scores) == 4 * 2
+    assert len(res.scores) == 4  # top-k, k = the 4 thing kernels
     torch.testing.assert_close(
-        res.scores, out.last.cls_logits[0].sigmoid().flatten().sort(descending=True).values
+        res.scores, out.last.cls_logits[0].sigmoid().flatten().sort(descending=True).values[:4]
     )
 
 

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from knet.ablation import cell_stats, write_reports
+from knet.ablation import cell_stats, compare, write_reports
 from knet.config import ConfigError, load_config
-from knet.tune import default_sweep_name, grid_points, trial_config, tune
+from knet.tune import (
+    base_values,
+    default_sweep_name,
+    grid_axes,
+    grid_points,
+    trial_config,
+    tune,
+)
 from tests.test_train import make_data, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +36,7 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     points = grid_points(cfg)
     assert len(points) == 12
     assert {p["seed"] for p in points.values()} == {7, 8}
+    assert points[5, 16, 8] == {"model.num_stages": 5, "model.num_kernels": 16, "seed": 8}
     trial = trial_config(cfg, {"num_stages": 5, "num_kernels": 8, "seed": 8}, Path("/sweep"))
     assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (5, 8, 8)
     assert trial.train.eval_every == 1  # schedulers compare trials at every report
@@ -52,6 +60,80 @@ def test_grid_and_override_errors_name_the_key():
     cfg = load_config(ROOT / "params.yaml", ["tune.overrides=[model.num_stages=4]"])
     with pytest.raises(ConfigError, match=r"tune.overrides\[0\] sets model.num_stages"):
         trial_config(cfg, point, Path())
+
+
+def test_a_grid_over_any_keys_sets_them_in_each_trial():
+    grid = [
+        "model.num_stages=1,3",
+        "model.kernel_interaction=true,false",
+        "data.min_size=[96],[112,144]",
+    ]
+    cfg = load_config(ROOT / "params.yaml", ["tune.seeds=2", f"tune.grid={json.dumps(grid)}"])
+    axes = grid_axes(cfg)
+    assert axes == {
+        "model.num_stages": (1, 3),
+        "model.kernel_interaction": (True, False),
+        "data.min_size": ([96], [112, 144]),
+    }
+    points = grid_points(cfg)
+    assert len(points) == 2 * 2 * 2 * 2
+    point = points[3, False, (112, 144), 1]
+    assert point == {
+        "model.num_stages": 3,
+        "model.kernel_interaction": False,
+        "data.min_size": [112, 144],
+        "seed": 1,
+    }
+    trial = trial_config(cfg, point, Path("/sweep"))
+    assert (trial.model.num_stages, trial.model.kernel_interaction) == (3, False)
+    assert trial.data.min_size == (112, 144) and trial.train.seed == 1
+    assert trial.model.num_kernels == cfg.model.num_kernels  # not swept: the params' value
+    assert trial.train.epochs == 5  # tune.overrides still apply
+    # the reference cell is the params' own values (after tune.overrides)
+    assert base_values(cfg, axes) == {
+        "model.num_stages": 3,
+        "model.kernel_interaction": True,
+        "data.min_size": list(cfg.data.min_size),
+    }
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["model.num_stagse=1,2"], r"tune\.grid\[0\]: model\.num_stagse is not a known key"),
+        (["model.num_stages=1,9"], r"tune\.grid\[0\]: model\.num_stages must be between 1 and 6"),
+        (
+            ["model.kernel_updater=adaptive,gated"],
+            r"tune\.grid\[0\]: model\.kernel_updater must be one of",
+        ),
+        (["model.num_stages=1,1"], r"tune\.grid\[0\]: model\.num_stages lists a value twice"),
+        (["train.seed=1,2"], r"tune\.grid\[0\]: seeds are tune\.seeds"),
+        (["train.epochs=1,2"], r"tune\.grid\[0\]: train\.epochs is also set by tune\.overrides"),
+        (
+            ["model.num_stages=1", "model.num_stages=2"],
+            r"tune\.grid\[1\]: model\.num_stages is listed twice",
+        ),
+    ],
+)
+def test_grid_errors_name_the_item_and_key(grid, message):
+    cfg = load_config(ROOT / "params.yaml", [f"tune.grid={json.dumps(grid)}"])
+    with pytest.raises(ConfigError, match=message):
+        grid_axes(cfg)
+
+
+def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
+    from knet.tune import explicit_overrides_win
+
+    grid = ["train.epochs=1,2"]
+    cfg = load_config(ROOT / "params.yaml", [f"tune.grid={json.dumps(grid)}"])
+    cfg, dropped = explicit_overrides_win(cfg, grid)
+    assert dropped == ["train.epochs=5"]
+    assert grid_axes(cfg) == {"train.epochs": (1, 2)}
+
+
+def test_grid_items_must_be_key_equals_values():
+    with pytest.raises(ConfigError, match=r"tune\.grid\[0\] must look like dotted\.key=v1,v2"):
+        load_config(ROOT / "params.yaml", ['tune.grid=["model.num_stages"]'])
 
 
 def test_sweep_name_follows_params():
@@ -95,15 +177,14 @@ def test_reports_hold_mean_and_std_over_seeds_and_one_row_per_trial(tmp_path):
         _row(3, 16, 0, math.nan, status="error", error="killed"),
         _row(3, 16, 1, math.nan, status="error", error="killed"),
     ]
-    cells = cell_stats(rows, [1, 3], [8, 16])
+    axes = {"model.num_stages": [1, 3], "model.num_kernels": [8, 16]}
+    cells = cell_stats(rows, axes)
     assert cells[1, 8].mean == pytest.approx(42.0)
     assert cells[1, 8].std == pytest.approx(math.sqrt(8.0))  # sample std of 40, 44
     assert cells[1, 16].values == (45.0,) and cells[1, 16].failed == 1
     assert cells[3, 16].values == () and math.isnan(cells[3, 16].mean)
 
-    paths = write_reports(
-        rows, tmp_path / "reports", metric="val_pq", num_stages=[1, 3], num_kernels=[8, 16]
-    )
+    paths = write_reports(rows, tmp_path / "reports", metric="val_pq", axes=axes)
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == len(rows)
@@ -116,6 +197,71 @@ def test_reports_hold_mean_and_std_over_seeds_and_one_row_per_trial(tmp_path):
     assert "RuntimeError: boom" in text  # failed trials are listed with their error
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "reports").glob(".*.tmp"))  # written atomically
+
+
+def test_cells_carry_95_percent_intervals_and_pair_with_the_reference_by_seed(tmp_path):
+    from scipy import stats
+
+    reference = [50.0, 52.0, 51.0, 49.0]
+    better = [55.0, 56.5, 55.0, 54.0]  # +5.0, +4.5, +4.0, +5.0: small spread, significant
+    noisy = [60.0, 40.0, 58.0, 41.0]  # same mean as the reference +0.75, huge spread
+    rows = [_row(3, 16, s, v) for s, v in enumerate(reference)]
+    rows += [_row(4, 16, s, v) for s, v in enumerate(better)]
+    rows += [_row(1, 16, s, v) for s, v in enumerate(noisy)]
+    axes = {"model.num_stages": [1, 3, 4], "model.num_kernels": [16]}
+    cells = cell_stats(rows, axes)
+    ref = cells[3, 16]
+    # 95% t interval of the mean: t(0.975, 3) * sd / sqrt(4)
+    half = stats.t.ppf(0.975, 3) * stats.tstd(reference) / 2
+    assert ref.interval == pytest.approx((50.5 - half, 50.5 + half))
+    up = compare(cells[4, 16], ref)
+    assert up.pairs == 4 and up.difference == pytest.approx(4.625)
+    assert up.p_value == pytest.approx(stats.ttest_rel(better, reference).pvalue)
+    assert up.significant and up.low > 0
+    flat = compare(cells[1, 16], ref)
+    assert not flat.significant and flat.low < 0 < flat.high
+    # seeds are paired: a cell missing seed 0 compares over seeds 1-3 only
+    partial = cell_stats([r for r in rows if not (r["num_stages"] == 4 and r["seed"] == 0)], axes)
+    assert compare(partial[4, 16], partial[3, 16]).pairs == 3
+
+    paths = write_reports(rows, tmp_path, metric="val_pq", axes=axes, reference=(3, 16))
+    text = paths["md"].read_text()
+    assert "against rounds 3, kernels 16 (paired by seed)" in text
+    assert "| rounds 3, kernels 16 (reference) | 4 | 50.5 ± 1.3 |" in text
+    line = next(t for t in text.splitlines() if t.startswith("| rounds 4, kernels 16 |"))
+    assert "+4.6" in line and line.rstrip().endswith("| yes |")
+    line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 16 |"))
+    assert line.rstrip().endswith("| no |")
+
+
+def test_reports_of_a_grid_over_other_keys(tmp_path):
+    rows = []
+    for i, (stages, interaction) in enumerate([(1, True), (1, False), (3, True), (3, False)]):
+        for seed in (0, 1):
+            row = _row(stages, 16, seed, 40.0 + 5 * i + seed)
+            row["model.kernel_interaction"] = interaction
+            row["model.kernel_updater"] = "adaptive"
+            rows.append(row)
+    axes = {
+        "model.num_stages": [1, 3],
+        "model.kernel_interaction": [True, False],
+        "model.kernel_updater": ["adaptive"],
+    }
+    paths = write_reports(
+        rows, tmp_path, metric="val_pq", axes=axes, reference=(3, True, "adaptive")
+    )
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert table[0]["model.kernel_interaction"] in ("True", "False")
+    text = paths["md"].read_text()
+    assert (
+        "# K-Net ablation: kernel-update rounds x model.kernel_interaction x model.kernel_updater"
+        in text
+    )
+    # three axes: one row per cell
+    assert "| rounds | model.kernel_interaction | model.kernel_updater | value |" in text
+    assert "| 3 | false | adaptive | 55.5 ± 0.7 |" in text
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- real Ray Tune
@@ -266,7 +412,7 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     cfg, dropped = explicit_overrides_win(cfg, overrides)
     assert dropped == ["train.epochs=5", "optim.lr_steps=[4]"]
     assert cfg.tune.overrides == ("train.cpus_per_worker=1",)
-    trial = trial_config(cfg, {"num_stages": 1, "num_kernels": 8, "seed": 0}, tmp_path)
+    trial = trial_config(cfg, {"model.num_stages": 1, "model.num_kernels": 8, "seed": 0}, tmp_path)
     assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
     # Without an explicit key nothing is dropped.
     same, none = explicit_overrides_win(load_config(ROOT / "params.yaml"), [])

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from knet.config import ConfigError, ModelConfig
 from knet.model.backbone import build_backbone
 from knet.model.heads import InitialKernelHead, KernelUpdateHead, SemanticKernelHead
 from knet.model.knet import KNet, KNetOutput, StageOutput
 from knet.model.neck import FPN, SemanticFPNFuser
 
-__all__ = ["KNet", "KNetOutput", "StageOutput", "build_model", "num_classes_for_task"]
+__all__ = [
+    "ABLATION_SWITCHES",
+    "KNet",
+    "KNetOutput",
+    "StageOutput",
+    "build_model",
+    "num_classes_for_task",
+    "variant_parameter_counts",
+]
+
+# The component switches of the paper's Table 4 (model config key -> its values, official first).
+ABLATION_SWITCHES: dict[str, tuple[object, ...]] = {
+    "kernel_updater": ("adaptive", "sum", "none"),
+    "kernel_interaction": (True, False),
+    "positional_encoding": ("sine", "coordconv", "none"),
+}
 
 
 def num_classes_for_task(task: str, num_thing_classes: int, num_stuff_classes: int) -> int:
@@ -37,7 +54,9 @@ def build_model(cfg: ModelConfig, num_thing_classes: int, num_stuff_classes: int
         norm_eval=bb.norm_eval,
     )
     fpn = FPN(backbone.out_channels, c)
-    fuser = SemanticFPNFuser(c, num_groups=cfg.num_groups)
+    fuser = SemanticFPNFuser(
+        c, num_groups=cfg.num_groups, positional_encoding=cfg.positional_encoding
+    )
     semantic = cfg.task == "semantic"
     if semantic:
         kernel_head = SemanticKernelHead(c, num_classes, cfg.num_groups, cfg.semantic_dropout)
@@ -60,6 +79,8 @@ def build_model(cfg: ModelConfig, num_thing_classes: int, num_stuff_classes: int
             soft_assembling=semantic,
             hard_mask_threshold=cfg.hard_mask_threshold,
             normalize_group_features=cfg.normalize_group_features,
+            updater=cfg.kernel_updater,
+            interaction=cfg.kernel_interaction,
         )
         for _ in range(cfg.num_stages)
     ]
@@ -73,6 +94,28 @@ def build_model(cfg: ModelConfig, num_thing_classes: int, num_stuff_classes: int
         num_stuff_classes=0 if cfg.task == "instance" else num_stuff_classes,
         panoptic=cfg.task == "panoptic",
     )
+
+
+def variant_parameter_counts(
+    cfg: ModelConfig, num_thing_classes: int, num_stuff_classes: int
+) -> list[tuple[str, int]]:
+    """Total parameters of ``cfg`` and of every variant that changes one Table-4 switch of it.
+
+    Returns:
+        ``("this config", total)`` first, then ``("model.<key>=<value>", total)`` per variant.
+    """
+
+    def total(model_cfg: ModelConfig) -> int:
+        model = build_model(model_cfg, num_thing_classes, num_stuff_classes)
+        return sum(p.numel() for p in model.parameters())
+
+    rows = [("this config", total(cfg))]
+    for key, values in ABLATION_SWITCHES.items():
+        for value in values:
+            if value != getattr(cfg, key):
+                name = f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                rows.append((name, total(dataclasses.replace(cfg, **{key: value}))))
+    return rows
 
 
 def _check_classes(cfg: ModelConfig, num_thing_classes: int, num_stuff_classes: int) -> None:

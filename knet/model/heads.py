@@ -188,6 +188,11 @@ def _fc_ln_relu(channels: int) -> nn.Sequential:
     )
 
 
+# Table 4a switches (``model.kernel_updater``): the official gated update, a plain sum of the
+# group feature and the kernel, or no update (the kernels pass through the round unchanged).
+KERNEL_UPDATERS = ("adaptive", "sum", "none")
+
+
 class KernelUpdateHead(nn.Module):
     """One kernel update round: assemble, update, interact, then classify and predict masks."""
 
@@ -200,21 +205,37 @@ class KernelUpdateHead(nn.Module):
         soft_assembling: bool,
         hard_mask_threshold: float,
         normalize_group_features: bool,
+        updater: str = "adaptive",
+        interaction: bool = True,
     ) -> None:
-        """``num_classes=0`` builds no classification branch (semantic: kernel k is class k)."""
+        """``num_classes=0`` builds no classification branch (semantic: kernel k is class k).
+
+        ``updater`` and ``interaction`` are the ablation switches of the paper's Table 4a; the
+        official head is ``"adaptive"`` with interaction. A switched-off part has no parameters.
+        """
         super().__init__()
+        if updater not in KERNEL_UPDATERS:
+            raise ValueError(
+                f"updater must be one of {', '.join(KERNEL_UPDATERS)}; got {updater!r}"
+            )
         c = channels
         self.soft_assembling = soft_assembling
         self.hard_mask_threshold = hard_mask_threshold
         self.normalize_group_features = normalize_group_features
+        self.updater = updater
         self.feat_transform = nn.Conv2d(c, c, 1)
-        self.updator = KernelUpdator(c)
-        self.attention = nn.MultiheadAttention(c, num_heads, dropout=0.0, batch_first=True)
-        self.attention_norm = nn.LayerNorm(c)
-        self.ffn = nn.Sequential(
-            nn.Linear(c, ffn_channels), nn.ReLU(inplace=True), nn.Linear(ffn_channels, c)
-        )
-        self.ffn_norm = nn.LayerNorm(c)
+        self.updator = KernelUpdator(c) if updater == "adaptive" else None
+        self.attention: nn.MultiheadAttention | None = None
+        self.attention_norm: nn.LayerNorm | None = None
+        self.ffn: nn.Sequential | None = None
+        self.ffn_norm: nn.LayerNorm | None = None
+        if interaction:
+            self.attention = nn.MultiheadAttention(c, num_heads, dropout=0.0, batch_first=True)
+            self.attention_norm = nn.LayerNorm(c)
+            self.ffn = nn.Sequential(
+                nn.Linear(c, ffn_channels), nn.ReLU(inplace=True), nn.Linear(ffn_channels, c)
+            )
+            self.ffn_norm = nn.LayerNorm(c)
         self.cls_fc = _fc_ln_relu(c) if num_classes else None
         self.cls_logits = nn.Linear(c, num_classes) if num_classes else None
         self.mask_fc = _fc_ln_relu(c)
@@ -240,14 +261,15 @@ class KernelUpdateHead(nn.Module):
             (B, N, K), or None without a classification branch.
         """
         features = self.feat_transform(features)  # X'
-        group = assemble_group_features(
-            masks,
-            features,
-            soft=self.soft_assembling,
-            threshold=self.hard_mask_threshold,
-            normalize=self.normalize_group_features,
-        )  # (B, N, C)
-        kernels = self.updator(group.to(kernels.dtype), kernels)
+        if self.updater != "none":
+            group = assemble_group_features(
+                masks,
+                features,
+                soft=self.soft_assembling,
+                threshold=self.hard_mask_threshold,
+                normalize=self.normalize_group_features,
+            ).to(kernels.dtype)  # (B, N, C)
+            kernels = kernels + group if self.updator is None else self.updator(group, kernels)
         kernels = self.interact_kernels(kernels)
         cls_logits = None
         if self.cls_logits is not None:
@@ -256,7 +278,12 @@ class KernelUpdateHead(nn.Module):
         return kernels, predict_masks(mask_kernels, features), cls_logits
 
     def interact_kernels(self, kernels: Tensor) -> Tensor:
-        """Kernel interaction: post-norm MHSA then post-norm FFN over an image's kernels."""
+        """Kernel interaction: post-norm MHSA then post-norm FFN over an image's kernels (the
+        identity when ``interaction`` is off)."""
+        if self.attention is None:
+            return kernels
+        assert self.attention_norm is not None and self.ffn is not None
+        assert self.ffn_norm is not None
         attended, _ = self.attention(kernels, kernels, kernels, need_weights=False)
         kernels = self.attention_norm(kernels + attended)
         return self.ffn_norm(kernels + self.ffn(kernels))

@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FPN", "ConvGNReLU", "SemanticFPNFuser", "sine_positional_encoding"]
+__all__ = [
+    "FPN",
+    "POSITIONAL_ENCODINGS",
+    "ConvGNReLU",
+    "SemanticFPNFuser",
+    "coord_features",
+    "sine_positional_encoding",
+]
+
+# Table 4b switches (``model.positional_encoding``) of the P5 input: the official sine encoding
+# (added), CoordConv (two coordinate channels concatenated, official ``cat_coors``) or none.
+POSITIONAL_ENCODINGS = ("sine", "coordconv", "none")
 
 
 class FPN(nn.Module):
@@ -103,6 +114,19 @@ def sine_positional_encoding(
     return pos.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # (B, 2F, H, W)
 
 
+def coord_features(x: Tensor) -> Tensor:
+    """CoordConv's two channels for ``x`` (B, C, H, W): x then y, each linear in [-1, 1].
+
+    Returns:
+        (B, 2, H, W) in ``x``'s dtype and device.
+    """
+    b, _, h, w = x.shape
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)  # (W,)
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)  # (H,)
+    grid = torch.stack((xs[None, :].expand(h, w), ys[:, None].expand(h, w)))  # (2, H, W)
+    return grid[None].expand(b, -1, -1, -1)
+
+
 class ConvGNReLU(nn.Sequential):
     """Conv (no bias) -> GroupNorm -> ReLU; submodules are named ``conv``, ``gn``, ``relu``.
 
@@ -146,24 +170,35 @@ class SemanticFPNFuser(nn.Module):
     - P2: conv with stride 2
     - P3: conv
     - P4: conv -> up -> conv
-    - P5 (+ sine positional encoding): conv -> up -> conv -> up -> conv
+    - P5 (+ positional encoding): conv -> up -> conv -> up -> conv
 
     The tower outputs are summed and fed to two sibling 1x1 ConvGNReLU heads.
 
     Args:
         channels: channels of the inputs, of the towers and of both outputs.
         num_groups: GroupNorm groups.
+        positional_encoding: what P5 gets before its tower, one of
+            :data:`POSITIONAL_ENCODINGS`; ``"coordconv"`` widens the first P5 conv by 2 inputs.
     """
 
-    def __init__(self, channels: int = 256, num_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int = 256, num_groups: int = 32, positional_encoding: str = "sine"
+    ) -> None:
         super().__init__()
-        if channels % 2:
+        if positional_encoding not in POSITIONAL_ENCODINGS:
+            raise ValueError(
+                f"positional_encoding must be one of {', '.join(POSITIONAL_ENCODINGS)}; "
+                f"got {positional_encoding!r}"
+            )
+        if channels % 2 and positional_encoding == "sine":
             raise ValueError(f"channels must be even for the positional encoding, got {channels}")
         self.channels = channels
         self.num_groups = num_groups
+        self.positional_encoding = positional_encoding
+        coord = 2 if positional_encoding == "coordconv" else 0
 
-        def conv3(stride: int = 1) -> ConvGNReLU:
-            return ConvGNReLU(channels, channels, 3, stride=stride, num_groups=num_groups)
+        def conv3(stride: int = 1, extra: int = 0) -> ConvGNReLU:
+            return ConvGNReLU(channels + extra, channels, 3, stride=stride, num_groups=num_groups)
 
         # towers[i][j]: j-th conv of level i; an upsample sits between consecutive convs
         self.towers = nn.ModuleList(
@@ -171,7 +206,7 @@ class SemanticFPNFuser(nn.Module):
                 nn.ModuleList([conv3(stride=2)]),
                 nn.ModuleList([conv3()]),
                 nn.ModuleList([conv3(), conv3()]),
-                nn.ModuleList([conv3(), conv3(), conv3()]),
+                nn.ModuleList([conv3(extra=coord), conv3(), conv3()]),
             ]
         )
         self.out_loc = ConvGNReLU(channels, channels, 1, num_groups=num_groups)
@@ -198,11 +233,7 @@ class SemanticFPNFuser(nn.Module):
         fused: Tensor | None = None
         for level, (x, convs) in enumerate(zip(feats, self.towers, strict=True)):
             if level == len(self.towers) - 1:
-                b, _, h, w = x.shape
-                pos = sine_positional_encoding(
-                    b, h, w, self.channels // 2, device=x.device, dtype=x.dtype
-                )  # (B, C, H/32, W/32)
-                x = x + pos
+                x = self._encode_position(x)
             for j, conv in enumerate(convs):
                 x = conv(x)
                 if j < len(convs) - 1:
@@ -215,3 +246,15 @@ class SemanticFPNFuser(nn.Module):
             fused = x if fused is None else fused + x  # (B, C, H/8, W/8)
         assert fused is not None
         return self.out_loc(fused), self.out_sem(fused)
+
+    def _encode_position(self, p5: Tensor) -> Tensor:
+        """P5 (B, C, h, w) with its positions: (B, C, h, w), or (B, C + 2, h, w) for CoordConv."""
+        if self.positional_encoding == "sine":
+            b, _, h, w = p5.shape
+            pos = sine_positional_encoding(
+                b, h, w, self.channels // 2, device=p5.device, dtype=p5.dtype
+            )
+            return p5 + pos
+        if self.positional_encoding == "coordconv":
+            return torch.cat((p5, coord_features(p5)), dim=1)
+        return p5
