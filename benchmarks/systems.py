@@ -12,6 +12,9 @@ line.
   the second half of the epochs (steady state), wall time includes start-up. Each run's CPU
   seconds are summed per process role (driver, train worker, its data loaders, Ray Train's
   actors, Ray's daemons), sampled from ``/proc`` with psutil: where Ray's extra time goes.
+  ``--repeats N`` alternates N pairs and reports the median run of each kind; ``--env
+  KEY=VALUE`` sets a variable for every run (``OMP_WAIT_POLICY=PASSIVE`` shows what the
+  OpenMP threads' spinning is worth).
 - ``dvc repro prepare`` twice: the first generates and prepares the data, the second finds
   everything up to date (what every flow run pays before training).
 - the train-knet flow (``make pipeline``) for ``--flow-epochs`` on that data: its own per-stage
@@ -279,11 +282,17 @@ def measure(args: argparse.Namespace) -> dict:
         noop, out = timed_run(["dvc", "repro", "prepare"], project)
         if "didn't change" not in out and "up to date" not in out:
             raise RuntimeError(f"the second `dvc repro prepare` did work:\n{out}")
-        plain = train_speed(project, 0, args.epochs)
-        ray = train_speed(project, 1, args.epochs)
+        pairs = [
+            (train_speed(project, 0, args.epochs, Path(tmp) / f"plain-{i}"),
+             train_speed(project, 1, args.epochs, Path(tmp) / f"ray-{i}"))
+            for i in range(args.repeats)
+        ]  # fmt: skip
+        # The median run of each kind, by images/s; the ratio of their medians.
+        plain, ray = (_median_run([pair[i] for pair in pairs]) for i in (0, 1))
+        ratio = ray["images_per_s"] / plain["images_per_s"]
         if args.only_speed:
-            return {"plain_loop": plain, "ray_train_1_worker": ray,
-                    "ray_over_plain": ray["images_per_s"] / plain["images_per_s"]}  # fmt: skip
+            return {"plain_loop": plain, "ray_train_1_worker": ray, "ray_over_plain": ratio,
+                    "repeats": [[a["images_per_s"], b["images_per_s"]] for a, b in pairs]}  # fmt: skip
         _, flow_out = timed_run([sys.executable, "-c", FLOW, str(args.flow_epochs)], project)
         flow = json.loads(flow_out.strip().splitlines()[-1])
     return {
@@ -293,13 +302,17 @@ def measure(args: argparse.Namespace) -> dict:
         "dvc_repro_noop_s": round(noop, 2),
         "plain_loop": plain,
         "ray_train_1_worker": ray,
-        "ray_over_plain": ray["images_per_s"] / plain["images_per_s"],
+        "ray_over_plain": ratio,
         "flow_epochs": args.flow_epochs,
         "flow_stage_s": flow["stage_s"],
         "flow_wall_s": round(flow["wall_s"], 1),
         "flow_pq": flow["metrics"].get("pq"),
         "time_to_quality": None if args.skip_quality else measure_quality(args),
     }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,9 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         "--only-speed", action="store_true", help="only plain vs Ray Train (one JSON line)"
     )
     parser.add_argument(
+        "--repeats", type=int, default=1, help="plain / Ray Train pairs, alternating (median)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of every run, e.g. --env OMP_WAIT_POLICY=PASSIVE",
+    )
+    parser.add_argument(
         "--only-quality", action="store_true", help="only the time-to-quality run (one JSON line)"
     )
     args = parser.parse_args(argv)
+    os.environ.update(item.split("=", 1) for item in args.env)  # the runs inherit it
     print(json.dumps(measure_quality(args) if args.only_quality else measure(args)))
     return 0
 

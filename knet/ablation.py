@@ -32,6 +32,8 @@ COLUMNS = (
     "epochs",
     "metric",
     "value",
+    "value_low",
+    "value_high",
     "val_pq",
     "val_pq_th",
     "val_pq_st",
@@ -80,6 +82,9 @@ class Cell:
     images_per_s: float | None
     failed: int
     stopped: int = 0
+    # One seed: the 95% bootstrap interval over validation images of its value (panoptic PQ
+    # metrics), else None.
+    bootstrap: tuple[float, float] | None = None
 
     @property
     def mean(self) -> float:
@@ -160,6 +165,7 @@ def cell_stats(
         group = [r for r in rows if tuple(row_value(r, k) for k in axes) == cell]
         done = [r for r in group if r["status"] in ("finished", "stopped") and _finite(r.get(key))]
         speeds = [r["images_per_s"] for r in done if _finite(r.get("images_per_s"))]
+        ends = [done[0].get(f"{key}_low"), done[0].get(f"{key}_high")] if len(done) == 1 else []
         cells[cell] = Cell(
             point=tuple(zip(axes, cell, strict=True)),
             values=tuple(float(r[key]) for r in done),
@@ -168,6 +174,9 @@ def cell_stats(
             images_per_s=statistics.fmean(speeds) if speeds else None,
             failed=sum(r["status"] in ("error", "unfinished") for r in group),
             stopped=sum(r["status"] == "stopped" for r in group),
+            bootstrap=(float(ends[0]), float(ends[1]))
+            if ends and all(map(_finite, ends))
+            else None,
         )
     return cells
 
@@ -328,7 +337,9 @@ def _comparison(cells: Mapping[CellKey, Cell], reference: CellKey, metric: str) 
         "(paired by seed)",
         "",
         "Intervals are Student-t over seeds; a difference is significant when its paired "
-        f"interval excludes 0 (two-sided p < {1 - CONFIDENCE:.2f}). One seed gives no interval.",
+        f"interval excludes 0 (two-sided p < {1 - CONFIDENCE:.2f}). A cell of one seed shows "
+        "the bootstrap interval over validation images instead (marked b; panoptic PQ metrics): "
+        "it covers the choice of images, not of the seed, so it is narrower than a seed interval.",
         "",
         "| cell | seeds | mean ± std | 95% interval | Δ vs reference | 95% interval of Δ | p "
         "| significant |",
@@ -336,6 +347,8 @@ def _comparison(cells: Mapping[CellKey, Cell], reference: CellKey, metric: str) 
     ]
     for key, cell in cells.items():
         interval = _interval_text(*cell.interval) if len(cell.values) > 1 else "—"
+        if len(cell.values) == 1 and cell.bootstrap:
+            interval = _interval_text(*cell.bootstrap) + " b"
         mean = "—" if not cell.values else f"{cell.mean:.1f} ± {cell.std:.1f}"
         if key == reference:
             lines.append(

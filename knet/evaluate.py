@@ -269,6 +269,8 @@ def summarize(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
             sq=_percent(pq["all"]["sq"]),
             rq=_percent(pq["all"]["rq"]),
         )
+        # The 95% bootstrap interval over the evaluated images (one model, one seed).
+        flat.update({k: _percent(v) for k, v in pq.get("bootstrap", {}).items()})
     if "ap" in computed:
         flat.update({k: _percent(computed["ap"][k]) for k in MaskAP.STATS})
     if "miou" in computed:

@@ -223,6 +223,8 @@ class PanopticQuality:
         self.fn = np.zeros(k, dtype=np.int64)
         self.iou = np.zeros(k, dtype=np.float64)
         self.images = 0
+        # Per image (tp, fp, fn, iou sum) x category, for the bootstrap over images.
+        self.per_image: list[np.ndarray] = []
 
     # ---- accumulation ----------------------------------------------------------------------
 
@@ -285,10 +287,19 @@ class PanopticQuality:
         fn = ~gt_matched & ~gt_crowd
         ignored = (pred_void + pred_crowd) > 0.5 * pred_area
         fp = ~pred_matched & (pred_area > 0) & ~ignored
-        self.tp += np.bincount(gt_cat[g], minlength=k)
-        self.iou += np.bincount(gt_cat[g], weights=iou[match], minlength=k)
-        self.fn += np.bincount(gt_cat[fn], minlength=k)
-        self.fp += np.bincount(pred_cat[fp], minlength=k)
+        image = np.stack(
+            [
+                np.bincount(gt_cat[g], minlength=k),
+                np.bincount(pred_cat[fp], minlength=k),
+                np.bincount(gt_cat[fn], minlength=k),
+                np.bincount(gt_cat[g], weights=iou[match], minlength=k),
+            ]
+        ).astype(np.float64)  # (4, K): tp, fp, fn, iou sum
+        self.tp += image[0].astype(np.int64)
+        self.fp += image[1].astype(np.int64)
+        self.fn += image[2].astype(np.int64)
+        self.iou += image[3]
+        self.per_image.append(image)
         self.images += 1
 
     # ---- merging ---------------------------------------------------------------------------
@@ -301,6 +312,7 @@ class PanopticQuality:
         self.fn += other.fn
         self.iou += other.iou
         self.images += other.images
+        self.per_image.extend(other.per_image)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -312,6 +324,7 @@ class PanopticQuality:
             "fn": self.fn.tolist(),
             "iou": self.iou.tolist(),
             "images": self.images,
+            "per_image": [image.tolist() for image in self.per_image],
         }
 
     @classmethod
@@ -323,12 +336,49 @@ class PanopticQuality:
         metric.fn = np.asarray(state["fn"], dtype=np.int64)
         metric.iou = np.asarray(state["iou"], dtype=np.float64)
         metric.images = int(state["images"])
+        metric.per_image = [np.asarray(i, dtype=np.float64) for i in state.get("per_image", [])]
         return metric
+
+    def bootstrap(
+        self, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    ) -> dict[str, float]:
+        """Percentile bootstrap over images of PQ, PQ_th and PQ_st: each resample draws as many
+        images as were seen, with replacement, and recomputes the category averages.
+
+        Returns ``{"pq_low", "pq_high", "pq_th_low", ...}`` (fractions; NaN without images).
+        """
+        names = ("pq", "pq_th", "pq_st")
+        if not self.per_image:
+            return {f"{n}_{end}": math.nan for n in names for end in ("low", "high")}
+        stats = np.stack(self.per_image)  # (n, 4, K)
+        # A canonical order of the images, so merged shards give the same resamples in any order.
+        flat = stats.reshape(len(stats), -1)
+        stats = stats[np.lexsort(flat.T[::-1])]
+        rng = np.random.default_rng(seed)
+        n = len(stats)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)  # (R, n)
+        totals = np.einsum("rn,nfk->rfk", counts.astype(np.float64), stats)  # (R, 4, K)
+        tp, fp, fn, iou = totals[:, 0], totals[:, 1], totals[:, 2], totals[:, 3]  # (R, K)
+        denominator = tp + 0.5 * fp + 0.5 * fn
+        pq = np.divide(iou, denominator, out=np.zeros_like(iou), where=denominator > 0)
+        seen = (tp + fp + fn) > 0  # (R, K): the categories each resample averages over
+        thing = np.asarray(self.categories.is_thing, dtype=bool)  # (K,)
+        tail = (1 - confidence) / 2 * 100
+        out = {}
+        for name, group in zip(names, (np.ones_like(thing), thing, ~thing), strict=True):
+            present = seen & group[None, :]
+            with np.errstate(invalid="ignore"):
+                means = (pq * present).sum(1) / present.sum(1)  # (R,), NaN if none present
+            means = means[np.isfinite(means)]
+            low, high = np.percentile(means, [tail, 100 - tail]) if means.size else (np.nan,) * 2
+            out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+        return out
 
     # ---- results ---------------------------------------------------------------------------
 
     def compute(self) -> dict[str, Any]:
-        """``{"all"|"things"|"stuff": {pq, sq, rq, n}, "per_class": {t: {...}}, "images"}``."""
+        """``{"all"|"things"|"stuff": {pq, sq, rq, n}, "per_class": {t: {...}}, "images",
+        "bootstrap": {pq_low, pq_high, ...}}`` (the 95% interval over images, :meth:`bootstrap`)."""
         per_class = {}
         for t in range(len(self.categories)):
             tp, fp, fn, iou = int(self.tp[t]), int(self.fp[t]), int(self.fn[t]), self.iou[t]
@@ -362,6 +412,7 @@ class PanopticQuality:
             "stuff": average(False),
             "per_class": per_class,
             "images": self.images,
+            "bootstrap": self.bootstrap(),
         }
 
 

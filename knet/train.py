@@ -271,6 +271,12 @@ def connect(address: str | None, dashboard: bool = False) -> None:
         "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
         "worker_process_setup_hook": "knet.train.quiet_ray_worker",
     }
+    if dashboard:
+        # The dashboard's Train tab lists runs and their workers only with Ray Train's state
+        # actor, which this variable turns on (read where a trainer is built: the driver, and
+        # Tune's trial drivers through the runtime env).
+        runtime_env["env_vars"][STATE_TRACKING_VAR] = "1"
+        os.environ.setdefault(STATE_TRACKING_VAR, "1")
     try:
         if address:  # a running cluster: its auth mode is the cluster's (RAY_AUTH_MODE, token)
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -306,6 +312,8 @@ def connect(address: str | None, dashboard: bool = False) -> None:
             f"cannot connect to the Ray cluster at {address!r}: {err}"
         ) from None
 
+
+STATE_TRACKING_VAR = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 
 # Ray's switch that binds every listener of a new local instance to 127.0.0.1.
 LOCAL_ONLY_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -649,12 +657,16 @@ def _validate(model, val_set, cfg: Config, cats, device, ctx: _Context) -> dict[
     return {f"val_{k}": v for k, v in computed.items()}
 
 
+# Bootstrap interval ends: logged to MLflow and the ablation, not printed in the epoch line.
+BOUNDS = ("_low", "_high")
+
+
 def _print_epoch(metrics: dict[str, Any], epochs: int, times: list[float], label: str = "") -> None:
     remaining = (epochs - metrics["epoch"]) * (sum(times) / len(times))
     shown = " ".join(
         f"{k[4:]} {v:.1f}"
         for k, v in metrics.items()
-        if k.startswith("val_") and isinstance(v, float) and v == v
+        if k.startswith("val_") and isinstance(v, float) and v == v and not k.endswith(BOUNDS)
     )
     prefix = f"{label}  " if label else ""
     print(

@@ -100,6 +100,8 @@ def tune(
     sweep["parent_run_id"] = parent.run_id if parent else None
     write_json_atomic(sweep_dir / SWEEP_FILE, sweep, indent=2)
     _print_start(name, sweep_dir, len(grid), concurrency, metric)
+    if parent:
+        log.info("  MLflow: %s", mlflow_address(cfg.tracking.uri, parent))
 
     payload = {
         "config": cfg.to_dict(),
@@ -539,6 +541,9 @@ def _row(
         "epochs": metrics.get("epoch"),
         "metric": metric,
         "value": float(value) if isinstance(value, int | float) else math.nan,
+        # the value's 95% bootstrap interval over validation images (panoptic PQ metrics)
+        "value_low": metrics.get(f"{metric}_low", math.nan),
+        "value_high": metrics.get(f"{metric}_high", math.nan),
         "params": params.get(cell),
         "images_per_s": statistics.fmean(speeds) if speeds else math.nan,
         "trial_s": timings.get("driver_s", math.nan),
@@ -637,6 +642,18 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     values = [float(r[key]) for r in rows if isinstance(r.get(key), int | float)]
     values = [v for v in values if math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
+
+
+def mlflow_address(uri: str, parent) -> str:
+    """Where to see the sweep's parent run: its page on a server, or the command that serves a
+    local store (the UI then lists the trials under it; its chart view compares them)."""
+    run = parent.run.info
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    return (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
+        f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    )
 
 
 def _print_start(name: str, sweep_dir: Path, trials: int, concurrency: int, metric: str) -> None:

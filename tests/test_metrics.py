@@ -294,6 +294,40 @@ def test_pq_merge_and_state_dict():
     assert first.merge(second).compute() == whole
 
 
+def test_pq_bootstrap_over_images():
+    images = all_pq_images()
+    metric = pq_of(*images)
+    result = metric.compute()
+    # the per-image statistics add up to the totals
+    per_image = np.stack(metric.per_image)  # (n, 4, K)
+    assert per_image.shape == (len(images), 4, len(CATEGORIES))
+    assert np.array_equal(per_image[:, 0].sum(0), metric.tp)
+    assert np.allclose(per_image[:, 3].sum(0), metric.iou)
+    boot = result["bootstrap"]
+    for name, group in (("pq", "all"), ("pq_th", "things"), ("pq_st", "stuff")):
+        assert boot[f"{name}_low"] <= result[group]["pq"] <= boot[f"{name}_high"]
+    assert boot["pq_low"] < boot["pq_high"]  # the images differ, so the resamples do
+    # deterministic, and the same whichever order the shards were merged in
+    assert metric.bootstrap() == boot
+    assert pq_of(*images[::-1]).bootstrap() == boot
+    # a brute-force bootstrap with the same draws gives the same interval
+    rng = np.random.default_rng(0)
+    n = len(images)
+    order = np.lexsort(per_image.reshape(n, -1).T[::-1])
+    draws = rng.multinomial(n, np.full(n, 1.0 / n), size=1000)
+    means = []
+    for draw in draws:
+        resample = pq_of(*[images[i] for i, c in zip(order, draw, strict=True) for _ in range(c)])
+        means.append(resample.compute()["all"]["pq"])
+    expected = np.percentile(means, [2.5, 97.5])
+    assert (boot["pq_low"], boot["pq_high"]) == pytest.approx(tuple(expected))
+    # every image alike: no spread
+    same = pq_of(*[images[4]] * 6).compute()
+    assert same["bootstrap"]["pq_low"] == pytest.approx(same["all"]["pq"])
+    assert same["bootstrap"]["pq_high"] == pytest.approx(same["all"]["pq"])
+    assert math.isnan(PanopticQuality(CATEGORIES).bootstrap()["pq_low"])
+
+
 def test_pq_errors():
     # Overlapping GT segments (instance data): PQ is undefined, the image id is named.
     gt = gt_1d(77, 10, (0, 6, PERSON, 0), (4, 10, CAR, 0))

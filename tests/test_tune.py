@@ -234,6 +234,23 @@ def test_cells_carry_95_percent_intervals_and_pair_with_the_reference_by_seed(tm
     assert line.rstrip().endswith("| no |")
 
 
+def test_a_one_seed_sweep_shows_the_bootstrap_interval_over_images(tmp_path):
+    rows = [
+        _row(1, 8, 0, 40.0, value_low=35.5, value_high=44.25),
+        _row(3, 8, 0, 50.0, value_low=46.0, value_high=53.0),
+    ]
+    axes = {"model.num_stages": [1, 3], "model.num_kernels": [8]}
+    cells = cell_stats(rows, axes)
+    assert cells[1, 8].bootstrap == (35.5, 44.25) and math.isnan(cells[1, 8].half_width)
+    paths = write_reports(rows, tmp_path, metric="val_pq", axes=axes, reference=(3, 8))
+    text = paths["md"].read_text()
+    assert "| rounds 3, kernels 8 (reference) | 1 | 50.0 ± 0.0 | [46.0, 53.0] b |" in text
+    line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 8 |"))
+    assert "[35.5, 44.2] b" in line and "-10.0" in line and line.rstrip().endswith("(1 seed) |")
+    with paths["csv"].open() as handle:
+        assert [r["value_low"] for r in csv.DictReader(handle)] == ["35.5", "46.0"]
+
+
 def test_reports_of_a_grid_over_other_keys(tmp_path):
     rows = []
     for i, (stages, interaction) in enumerate([(1, True), (1, False), (3, True), (3, False)]):
@@ -341,6 +358,13 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
 
     with urllib.request.urlopen(f"http://{get_dashboard_url()}/api/version", timeout=10) as r:
         assert r.status == 200
+    # Its Train tab lists every trial's Train run and their workers (Ray Train's state actor).
+    url = f"http://{get_dashboard_url()}/api/train/v2/runs/v1"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        runs = json.loads(r.read())["train_runs"]
+    names = {run["name"] for run in runs}
+    assert {f"trial-{row['trial_id']}" for row in first["rows"]} <= names
+    assert all(run["attempts"] and run["attempts"][0]["workers"] for run in runs)
 
     # MLflow: one parent run for the sweep, one child run per trial with the grid params.
     mlflow.set_tracking_uri(cfg.tracking.uri)
