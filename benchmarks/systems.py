@@ -291,8 +291,13 @@ def measure(args: argparse.Namespace) -> dict:
         plain, ray = (_median_run([pair[i] for pair in pairs]) for i in (0, 1))
         ratio = ray["images_per_s"] / plain["images_per_s"]
         if args.only_speed:
-            return {"plain_loop": plain, "ray_train_1_worker": ray, "ray_over_plain": ratio,
-                    "repeats": [[a["images_per_s"], b["images_per_s"]] for a, b in pairs]}  # fmt: skip
+            speeds = [[a["images_per_s"], b["images_per_s"]] for a, b in pairs]
+            return {
+                "plain_loop": plain,
+                "ray_train_1_worker": ray,
+                "ray_over_plain": ratio,
+                "repeats": speeds,
+            }
         _, flow_out = timed_run([sys.executable, "-c", FLOW, str(args.flow_epochs)], project)
         flow = json.loads(flow_out.strip().splitlines()[-1])
     return {
