@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,6 +201,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from knet.predict import predict_checkpoint
 
+    # --set takes several items, as on every command; what follows it without '=' is an input.
+    args.inputs = [*args.inputs, *(o for o in args.overrides if "=" not in o)]
+    args.overrides = [o for o in args.overrides if "=" in o]
+    if not args.inputs:
+        raise ConfigError("knet predict needs at least one IMAGE_OR_FOLDER")
+
     summary = predict_checkpoint(
         args.inputs,
         args.checkpoint,
@@ -350,8 +357,11 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="knet", description="K-Net for semantic, instance and panoptic segmentation."
+        prog="knet",
+        description="K-Net for semantic, instance and panoptic segmentation.",
+        epilog="Every command has an example: knet COMMAND [ACTION] --help.",
     )
+    parser.add_argument("--version", action="version", version=f"knet {_version()}")
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -392,11 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     nuclei = data_cmds.add_parser(
         "nuclei",
         help="write the real-image preset: StarDist's packaged nuclei micrograph as COCO instances",
-        description=(
-            "Cut the fluorescence micrograph with hand-made nucleus masks that ships inside the "
-            "stardist wheel into 117 train and 4 val tiles (COCO instance layout). "
-            "Then: knet data prepare --params configs/nuclei-instance.yaml"
-        ),
     )
     _add_params_args(nuclei)
     nuclei.add_argument(
@@ -525,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.set_defaults(func=cmd_lineage)
 
     predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER")
     predict.add_argument(
         "--params",
         default=None,
@@ -535,10 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a dotted key (repeatable)",
+        help="override dotted keys, as on every command (items without '=' after --set are "
+        "inputs: knet predict --set a=1 b=2 photo.jpg)",
     )
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a knet checkpoint (.pt)")
@@ -561,7 +568,101 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
+    _describe(parser)
     return parser
+
+
+# Each command's --help: a paragraph on what it does, and an example (command path -> text).
+COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
+    ("config", "show"): (
+        "Load the params file, apply the --set overrides, validate every key and value, and "
+        "print the resolved configuration with its digest (the run's params_hash).",
+        "knet config show --set model.num_stages=4 train.epochs=2",
+    ),
+    ("model", "summary"): (
+        "Build the model of the params and print its parameters per component; --variants adds "
+        "the total of every Table-4 variant (kernel updater, kernel interaction, positional "
+        "encoding).",
+        "knet model summary --params configs/coco-panoptic-r50.yaml --variants",
+    ),
+    ("data", "synth"): (
+        "Write the synthetic panoptic dataset (COCO panoptic format, train and val) that the "
+        "default params train on; refuses a folder that is not empty or knet's own.",
+        "knet data synth --out data/raw",
+    ),
+    ("data", "nuclei"): (
+        "Cut the fluorescence micrograph with hand-made nucleus masks that ships inside the "
+        "stardist wheel into 117 train and 4 held-out val tiles (COCO instance layout), the "
+        "real-image preset of configs/nuclei-instance.yaml.",
+        "knet data nuclei && knet data prepare --params configs/nuclei-instance.yaml",
+    ),
+    ("data", "validate"): (
+        "Check every image and annotation of a raw dataset (COCO panoptic, COCO instance or "
+        "semantic PNGs) and report all problems with file, image id and segment id; exit 1 on "
+        "errors.",
+        "knet data validate --split val --strict",
+    ),
+    ("data", "prepare"): (
+        "Validate the raw dataset and write the prepared index that training and evaluation "
+        "read (data.prepared), atomically; the DVC stage prepare runs this.",
+        "knet data prepare --out data/prepared",
+    ),
+    ("evaluate",): (
+        "Evaluate a checkpoint on a prepared split: PQ, mask AP and mIoU with per-class "
+        "tables, prediction files and overlays; writes the DVC metrics file.",
+        "knet evaluate --checkpoint outputs/train/model.pt --max-images 20",
+    ),
+    ("train",): (
+        "Train on Ray Train (a local instance, or --address for a cluster), validate, "
+        "checkpoint every epoch and log to MLflow; rerunning the same run name resumes it.",
+        "knet train --set train.epochs=3 optim.lr_steps=[2] train.seed=1",
+    ),
+    ("tune",): (
+        "Run the ablation as one Ray Tune sweep (rounds x kernels, or any keys with --grid), "
+        "each trial the TorchTrainer of knet train; writes reports/ablation.{md,csv,png} with "
+        "95% intervals and the paired comparison, and one MLflow parent run. Rerunning "
+        "restores the sweep.",
+        "knet tune --grid model.kernel_updater=adaptive,none --set tune.seeds=3",
+    ),
+    ("promote",): (
+        "Register a checkpoint (or a training run's) as a version of the registered model, "
+        "alias it challenger, evaluate it against the champion and move the champion alias "
+        "only if it is better by registry.min_improvement.",
+        "knet promote --checkpoint outputs/train/model.pt",
+    ),
+    ("lineage",): (
+        "Print a registered version's training run, params hash, data hash, commit and "
+        "metrics.",
+        "knet lineage models:/knet-panoptic@champion",
+    ),
+    ("predict",): (
+        "Segment images or folders with a checkpoint or a registered model: one overlay PNG "
+        "and one segment JSON per image.",
+        "knet predict photos/ --model models:/knet-panoptic@champion --out outputs/predict",
+    ),
+}
+
+
+def _describe(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Give every command in :data:`COMMAND_HELP` its paragraph and example."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _describe(sub, (*path, name))
+    if path in COMMAND_HELP:
+        description, example = COMMAND_HELP[path]
+        parser.description = textwrap.fill(description, 78)
+        parser.epilog = f"example:\n  {example}"
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("knet")
+    except PackageNotFoundError:  # a source tree without an install
+        return "unknown"
 
 
 def _show_knet_logs() -> None:

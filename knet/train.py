@@ -271,10 +271,10 @@ def connect(address: str | None, dashboard: bool = False) -> None:
         "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
         "worker_process_setup_hook": "knet.train.quiet_ray_worker",
     }
-    if dashboard:
-        # The dashboard's Train tab lists runs and their workers only with Ray Train's state
-        # actor, which this variable turns on (read where a trainer is built: the driver, and
-        # Tune's trial drivers through the runtime env).
+    if dashboard or address:
+        # The dashboard's Train tab (knet tune's local instance, a cluster's head) lists runs
+        # and their workers only with Ray Train's state actor, which this variable turns on
+        # (read where a trainer is built: the driver, Tune's trial drivers by the runtime env).
         runtime_env["env_vars"][STATE_TRACKING_VAR] = "1"
         os.environ.setdefault(STATE_TRACKING_VAR, "1")
     try:

@@ -110,3 +110,59 @@ def test_data_synth_validate_prepare_from_the_command_line(tmp_path):
     out = knet("data", "prepare", "--quiet", "--lenient", *small)
     assert out.returncode == 0, out.stderr
     assert "train: 2 images, " in out.stdout and "1 problems skipped" in out.stdout
+
+
+LEAF_COMMANDS = [
+    ("config", "show"),
+    ("model", "summary"),
+    ("data", "synth"),
+    ("data", "nuclei"),
+    ("data", "validate"),
+    ("data", "prepare"),
+    ("evaluate",),
+    ("train",),
+    ("tune",),
+    ("promote",),
+    ("lineage",),
+    ("predict",),
+]
+
+
+def test_every_command_help_has_a_paragraph_and_an_example(capsys):
+    import pytest
+
+    from knet.cli import COMMAND_HELP, main
+
+    assert set(COMMAND_HELP) == set(LEAF_COMMANDS)
+    for path in LEAF_COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        description, example = COMMAND_HELP[path]
+        assert description.split()[0] in out and len(description) > 60, path
+        assert f"example:\n  {example}" in out, path
+        assert example.startswith(f"knet {' '.join(path)}"), path
+
+
+def test_version():
+    out = knet("--version")
+    assert out.returncode == 0 and out.stdout.strip() == "knet 0.1.0"
+
+
+def test_predict_takes_set_like_every_command(tmp_path):
+    """`knet predict --set a=1 b=2 IMAGE` (several items after one --set, then the input)."""
+    from PIL import Image
+
+    from knet.cli import main
+    from tests.test_train import make_data, run_config, untrained_checkpoint
+
+    data = make_data(tmp_path / "data")
+    checkpoint = untrained_checkpoint(run_config(data, tmp_path), tmp_path / "model.pt")
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (48, 40), (90, 120, 200)).save(image)
+    argv = ["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+    argv += ["--quiet", "--set", "model.postprocess.mask_threshold=0.4", "data.test_size=64"]
+    assert main([*argv, str(image)]) == 0
+    assert (tmp_path / "out" / "photo.json").is_file()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--set", "data.test_size=64"]) == 2

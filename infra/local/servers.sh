@@ -12,6 +12,9 @@ PREFECT_PORT="${PREFECT_PORT:-4200}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# The dashboard's Train tab lists runs and workers only with Ray Train's state actor on; the
+# variable is read where trainers are built (the Prefect worker's flows, knet train / tune).
+export RAY_TRAIN_ENABLE_STATE_TRACKING="${RAY_TRAIN_ENABLE_STATE_TRACKING:-1}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
