@@ -631,8 +631,7 @@ COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
         "knet promote --checkpoint outputs/train/model.pt",
     ),
     ("lineage",): (
-        "Print a registered version's training run, params hash, data hash, commit and "
-        "metrics.",
+        "Print a registered version's training run, params hash, data hash, commit and metrics.",
         "knet lineage models:/knet-panoptic@champion",
     ),
     ("predict",): (
