@@ -126,10 +126,17 @@ def default_run_name(cfg: Config) -> str:
 
 
 def absolute_paths(cfg: Config, root: Path) -> Config:
-    """Every relative path in ``cfg`` made absolute (Ray workers run in other folders)."""
+    """Every relative path in ``cfg`` made absolute (Ray workers run in other folders).
 
-    def absolute(path: str) -> str:
-        return path if "://" in path or os.path.isabs(path) else str(root / path)
+    The tracking store (a relative sqlite file, the artifact folder) is the project's even
+    when ``root`` is a DVC experiment's temporary workspace (``dvc exp run --temp`` / queued
+    runs): MLflow runs land beside the user's other runs, not in a folder DVC deletes.
+    """
+
+    def absolute(path: str, base: Path = root) -> str:
+        return path if "://" in path or os.path.isabs(path) else str(base / path)
+
+    project = project_root(root)
 
     data = dataclasses.replace(
         cfg.data, raw=absolute(cfg.data.raw), prepared=absolute(cfg.data.prepared)
@@ -142,8 +149,8 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
     )
     tracking = dataclasses.replace(
         cfg.tracking,
-        uri=resolve_uri(cfg.tracking.uri, root),
-        artifact_location=absolute(cfg.tracking.artifact_location),
+        uri=resolve_uri(cfg.tracking.uri, project),
+        artifact_location=absolute(cfg.tracking.artifact_location, project),
     )
     tune = dataclasses.replace(
         cfg.tune,
@@ -151,6 +158,19 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
         report_dir=absolute(cfg.tune.report_dir),
     )
     return dataclasses.replace(cfg, data=data, train=train_cfg, tune=tune, tracking=tracking)
+
+
+# Where DVC runs queued and --temp experiments: <project>/.dvc/tmp/exps/<workspace>.
+DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")
+
+
+def project_root(root: Path) -> Path:
+    """``root``, or the project a DVC temporary experiment workspace ``root`` belongs to."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(DVC_TEMP_WORKSPACES)):
+        if parts[i + 1 : i + 1 + len(DVC_TEMP_WORKSPACES)] == DVC_TEMP_WORKSPACES:
+            return Path(*parts[: i + 1])
+    return Path(root)
 
 
 def check_inputs(cfg: Config) -> None:
