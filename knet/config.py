@@ -392,6 +392,9 @@ class TrackingConfig:
     artifact_location: str = "mlartifacts"
     # False turns tracking off (runs still train and checkpoint).
     enabled: bool = True
+    # MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) in training runs,
+    # sampled every this many seconds; 0 = off.
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -468,6 +471,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.max_bad_steps": (0, 1_000_000),
     "train.placement_timeout_s": (1, 86400),
     "optim.lr": (0.0, 10.0),
+    "tracking.system_metrics_interval_s": (0.0, 3600.0),
     "tune.num_stages": (1, 6),
     "tune.num_kernels": (1, 300),
     "tune.seeds": (1, 1000),

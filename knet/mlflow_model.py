@@ -7,7 +7,7 @@ object. Its :meth:`KNetPyfunc.load_context` rebuilds K-Net from the version's ow
 ``knet.json`` (the config and the categories), so nothing pickled is ever loaded::
 
     model = mlflow.pyfunc.load_model("models:/knet-panoptic@champion")
-    results = model.predict([image])   # (H, W, 3) uint8 RGB arrays, or one array
+    results = model.predict(image[None])   # a batch (N, H, W, 3) of uint8 RGB images
 
 ``predict`` returns one dict per image: ``task``, ``height``, ``width``, ``segments`` (the
 JSON of ``knet predict``) and, for panoptic and semantic results, ``segment_map`` / ``class_map``
@@ -41,7 +41,10 @@ class KNetPyfunc(PythonModel):
         from knet.predict import predict_image, segments_of, semantic_map
 
         task = (params or {}).get("task") or self.cfg.model.task
-        images = [model_input] if isinstance(model_input, np.ndarray) else list(model_input)
+        # The signature's input is a batch (N, H, W, 3) uint8; one (H, W, 3) image or a list of
+        # images of any sizes is taken too when called without schema enforcement.
+        one = isinstance(model_input, np.ndarray) and model_input.ndim == 3
+        images = [model_input] if one else list(model_input)
         outputs = []
         for image in images:
             image = np.asarray(image, dtype=np.uint8)

@@ -289,6 +289,7 @@ def _register(mlflow, client, cfg, root, name, payload, source, run_id) -> str:
             run_name=f"register-{Path(source).stem}",
             tags={**tags, "knet.source": source},
         )
+    signature, example = model_signature()
     with tempfile.TemporaryDirectory(prefix="knet-register-") as folder, context:
         weights, config = write_model_files(payload, Path(folder))
         info = mlflow.pyfunc.log_model(
@@ -298,11 +299,29 @@ def _register(mlflow, client, cfg, root, name, payload, source, run_id) -> str:
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=name,
             await_registration_for=60,
+            signature=signature,
+            input_example=example,
         )
     version = str(info.registered_model_version)
     for key, value in {**tags, "knet.source": source, "knet.task": trained.model.task}.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def model_signature():
+    """The pyfunc's signature and input example: a batch of RGB images, (N, H, W, 3) uint8
+    (``mlflow models serve`` takes ``{"inputs": [image, ...]}``), and the string parameter
+    ``task`` (panoptic, instance or semantic results; default the model's own)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        params=ParamSchema([ParamSpec("task", "string", "")]),
+    )
+    example = np.full((1, 32, 32, 3), 127, dtype=np.uint8)  # one small grey image
+    return signature, example
 
 
 def _evaluate(mlflow, client, cfg: Config, name: str, version: str) -> dict[str, float]:

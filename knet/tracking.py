@@ -151,16 +151,24 @@ class Tracker:
         run_name: str,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        system_metrics: bool = False,
     ) -> None:
+        """``system_metrics``: sample CPU, memory, disk and network (GPU with pynvml) every
+        ``cfg.system_metrics_interval_s`` into the run (``system/...`` metrics)."""
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(cfg.uri)
+        sample = system_metrics and cfg.system_metrics_interval_s > 0
+        if sample:
+            mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval_s)
+            mlflow.set_system_metrics_samples_before_logging(1)
         self.run = mlflow.start_run(
             run_id=run_id,
             run_name=None if run_id else run_name,
             experiment_id=experiment_id(cfg),
             tags=dict(tags or {}),
+            log_system_metrics=sample,
         )
         self.run_id = self.run.info.run_id
 

@@ -735,6 +735,7 @@ def _start_tracker(cfg: Config, loop_config: dict[str, Any], state: dict[str, An
         loop_config["run_name"],
         run_id=state.get("mlflow_run_id"),
         tags={**loop_config["tags"], **system_info()},
+        system_metrics=True,
     )
     tracker.log_params({**flatten(cfg.to_dict()), **loop_config.get("extra_params", {})})
     return tracker

@@ -147,7 +147,8 @@ import mlflow, numpy as np
 from knet.data.dataset import load_rgb
 mlflow.set_tracking_uri({cfg.tracking.uri!r})
 model = mlflow.pyfunc.load_model("models:/knet-panoptic@champion")
-result = model.predict([load_rgb({str(image_path)!r})])[0]
+assert model.metadata.signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
+result = model.predict(load_rgb({str(image_path)!r})[None])[0]  # a batch of one image
 np.save({str(out) + ".npy"!r}, result["segment_map"])
 json.dump(result["segments"], open({str(out) + ".json"!r}, "w"))
 """
@@ -170,6 +171,56 @@ json.dump(result["segments"], open({str(out) + ".json"!r}, "w"))
     assert version.version in (1, "1")
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_served_champion_answers_a_scoring_request(models, tmp_path):
+    """`mlflow models serve -m models:/knet-panoptic@champion` on 127.0.0.1: an image in, the
+    segments of knet's own prediction out; the version carries its signature and example."""
+    import mlflow
+
+    data, paths = models
+    cfg = store_config(data, tmp_path)
+    promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    version = client.get_model_version_by_alias("knet-panoptic", "champion")
+    info = mlflow.models.get_model_info(version.source)
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert info.signature.params.to_dict()[0]["name"] == "task"
+
+    port = free_port()
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/knet-panoptic@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=venv_env(MLFLOW_TRACKING_URI=cfg.tracking.uri), cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(0.5)
+        image_path = sorted((data / "raw" / "val").glob("*.png"))[0]
+        image = load_rgb(image_path)
+        body = json.dumps({"inputs": [image.tolist()]}).encode()
+        request = urllib.request.Request(
+            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            (served,) = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    model, trained, categories = load_model(paths["long"])
+    expected = predict_image(model, "panoptic", categories, trained, image, "panoptic")
+    assert served["task"] == "panoptic" and served["segments"]
+    assert served["segments"] == segments_of(expected, "panoptic", categories)
+    np.testing.assert_array_equal(np.array(served["segment_map"]), expected.segment_map.numpy())
 
 
 def test_missing_model_alias_or_version_is_a_clear_error(models, tmp_path):

@@ -130,6 +130,7 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
         "train.cpus_per_worker=0.5",
         "train.epochs=2",
         "train.eval_every=2",
+        "tracking.system_metrics_interval_s=1",
     )
     first = train(cfg, root=tmp_path, run_name="resume-test")
     assert first["epochs"] == 2
@@ -146,6 +147,8 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
     assert run.data.tags["params_hash"] == cfg.digest()
     losses = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2]
+    # MLflow's system metrics, sampled during training
+    assert "system/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
     assert "checkpoint" in artifacts and "kernel_maps" in artifacts
 
