@@ -161,6 +161,8 @@ class Tracker:
         mlflow.set_tracking_uri(cfg.uri)
         sample = system_metrics and cfg.system_metrics_interval_s > 0
         if sample:
+            # Its start / stop / "skip GPU metrics" INFO lines would be the log's only noise.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
             mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval_s)
             mlflow.set_system_metrics_samples_before_logging(1)
         self.run = mlflow.start_run(

@@ -130,7 +130,7 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
         "train.cpus_per_worker=0.5",
         "train.epochs=2",
         "train.eval_every=2",
-        "tracking.system_metrics_interval_s=1",
+        "tracking.system_metrics_interval_s=0.2",  # a run of seconds
     )
     first = train(cfg, root=tmp_path, run_name="resume-test")
     assert first["epochs"] == 2
