@@ -198,6 +198,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from knet.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out)
+    print(
+        f"wrote {result.path}: torch.export program of {args.checkpoint} (dynamic batch, sides "
+        f"multiples of 32); max |exported - eager| on a {list(result.checked_shape)} batch: "
+        f"{result.max_abs_difference:.2e}"
+    )
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from knet.predict import predict_checkpoint
 
@@ -568,6 +580,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="the model as a torch.export program (.pt2)")
+    export.add_argument(
+        "--checkpoint",
+        default="outputs/train/model.pt",
+        help="a knet checkpoint (default: %(default)s)",
+    )
+    export.add_argument(
+        "--out", default="outputs/export/knet.pt2", help="the .pt2 file (default: %(default)s)"
+    )
+    export.set_defaults(func=cmd_export)
     _describe(parser)
     return parser
 
@@ -633,6 +656,14 @@ COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
     ("lineage",): (
         "Print a registered version's training run, params hash, data hash, commit and metrics.",
         "knet lineage models:/knet-panoptic@champion",
+    ),
+    ("export",): (
+        "Export the model of a checkpoint with torch.export: the forward pass (every round's "
+        "mask and class logits) for any batch and image sides that are multiples of 32, "
+        "checked against eager on a batch of another size. Load it with "
+        "torch.export.load(path).module() after import knet.export; post-processing stays "
+        "in knet.postprocess.",
+        "knet export --checkpoint outputs/train/model.pt --out outputs/export/knet.pt2",
     ),
     ("predict",): (
         "Segment images or folders with a checkpoint or a registered model: one overlay PNG "

@@ -125,6 +125,7 @@ LEAF_COMMANDS = [
     ("promote",),
     ("lineage",),
     ("predict",),
+    ("export",),
 ]
 
 
