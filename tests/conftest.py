@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -35,6 +36,20 @@ TINY_OVERRIDES = [
     "model.num_heads=4",
     "model.ffn_channels=64",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_knet_logger():
+    """``knet.cli.main`` gives the ``knet`` logger a handler on the stdout of the moment (a
+    test's captured stream, closed after it), as the command line needs; every test that runs
+    ``main`` in-process gets the logger back as it was, so no later test logs to a closed
+    stream."""
+    logger = logging.getLogger("knet")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 def tiny_config(task: str = "panoptic", *extra: str) -> Config:

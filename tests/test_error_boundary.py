@@ -3,7 +3,6 @@ usage / config / input and 1 for anything else, and a traceback only with ``--de
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,6 @@ import torch
 
 from knet.cli import main
 from tests.test_train import make_data, run_config, untrained_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _restore_knet_logger():
-    """``main`` gives the ``knet`` logger a stdout handler, as the command line needs; take it
-    off again so later tests of the library see its logging untouched."""
-    logger = logging.getLogger("knet")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="module")

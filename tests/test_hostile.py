@@ -32,7 +32,6 @@ from PIL import Image
 
 from knet.cli import main
 from knet.data.atomic import MARKER
-from tests.test_error_boundary import _restore_knet_logger  # noqa: F401  (autouse fixture)
 from tests.test_no_data_loss import snapshot
 from tests.test_train import make_data, run_config, untrained_checkpoint
 
