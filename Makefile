@@ -52,7 +52,7 @@ clean:
 
 # Speed and memory: K-Net (tiny, R-50) vs Mask R-CNN training and inference, the fast path,
 # plain loop vs Ray Train, dvc no-op, the flow's stages -> reports/bench.{json,md} (~16 min on 2
-# cores; README "Benchmarks"). On a CUDA machine with its own torch: benchmarks/gpu_check.sh.
+# cores; docs/benchmarks.md). On a CUDA machine with its own torch: benchmarks/gpu_check.sh.
 bench: install
 	$(BIN)/python -m benchmarks
 

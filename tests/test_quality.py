@@ -2,7 +2,7 @@
 
 The canary trains the embedded default (``params.yaml``: its model, data, loss and optimiser)
 on the default synthetic dataset with a shortened schedule, in-process, and holds the val
-split's PQ and PQ_th above floors measured with margin (README, "Quality on the synthetic
+split's PQ and PQ_th above floors measured with margin (docs/training.md, "Quality on the synthetic
 data"). A change that breaks or destabilises learning (a loss term, an initialisation, the
 matching, the schedule) fails here instead of being found by a user.
 """

@@ -271,7 +271,7 @@ def _thing_color(rng: np.random.Generator, category_id: int, mode: str) -> np.nd
 
     ``class``: the category's typical colour with per-instance jitter (:func:`_jittered`, as
     the stuff bands), so appearance is a cue as in real data. ``random``: uniform over RGB,
-    so only the shape tells the class (far slower to learn from scratch; see the README).
+    so only the shape tells the class (far slower to learn from scratch; see docs/data.md).
     """
     if mode == "random":
         return rng.uniform(0.0, 255.0, size=3).astype(np.float32)
