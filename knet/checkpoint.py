@@ -154,14 +154,17 @@ def _check_weights_fit(model: KNet, weights: dict[str, Any], cfg: Config) -> Non
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", info: dict[str, Any] | None = None
 ) -> tuple[KNet, Config, Categories]:
     """:func:`load_checkpoint` then :func:`model_from_checkpoint`; every error names ``path``.
 
     A checkpoint whose stored config or categories do not load (an unknown key, a category
     without its flag, weights of another model) is refused as a :class:`CheckpointError`.
+    ``info``, when given, receives the checkpoint's ``epoch`` and ``mlflow_run_id``.
     """
     payload = load_checkpoint(path)
+    if info is not None:
+        info.update({k: payload.get(k) for k in ("epoch", "mlflow_run_id")})
     try:
         return model_from_checkpoint(payload, device)
     except (ValueError, KeyError, TypeError, AttributeError) as err:

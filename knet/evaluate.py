@@ -16,6 +16,7 @@ output), an instance model AP, a semantic model mIoU.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ from knet.engine import channels_last_on, run_inference
 from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult
+from knet.tracking import Tracker, project_root, resolve_uri, run_exists
 from knet.visualize import kernel_activation_grid, stage_masks_figure
 
 log = logging.getLogger(__name__)
@@ -66,23 +68,28 @@ def evaluate_checkpoint(
     progress: bool = True,
     max_images: int | None = None,
     loaded: tuple[KNet, Config, Categories] | None = None,
+    source: str | None = None,
 ) -> dict[str, float]:
     """Evaluate the model stored in ``checkpoint`` on the data that ``params`` describe.
 
     The model (architecture, weights, categories) comes from the checkpoint, or from
-    ``loaded`` (model, its config, categories: e.g. a registered version); the data, the
-    image sizes and the post-processing settings from ``params`` + ``overrides``. Arguments
-    left as None take their value from the ``evaluate`` section of the params.
+    ``loaded`` (model, its config, categories: e.g. a registered version, named ``source``);
+    the data, the image sizes and the post-processing settings from ``params`` +
+    ``overrides``. Arguments left as None take their value from the ``evaluate`` section of
+    the params. With tracking on and the metrics file written, the evaluation is also an
+    MLflow run (:func:`log_evaluation`), a child of the checkpoint's training run.
     """
     cfg = load_config(params, overrides)
     ev = cfg.evaluate
     check_output_dir(out or ev.out, "eval")  # before minutes of loading and inference
     if write_metrics:
         check_metrics_file(metrics_file or ev.metrics)
+    info: dict[str, Any] = {}
     if loaded is None:
-        loaded = load_model(checkpoint or ev.checkpoint, device=device)
+        source = str(checkpoint or ev.checkpoint)
+        loaded = load_model(source, device=device, info=info)
     model, trained, categories = loaded
-    return evaluate_model(
+    flat = evaluate_model(
         model,
         trained.model.task,
         categories,
@@ -94,6 +101,56 @@ def evaluate_checkpoint(
         progress=progress,
         max_images=max_images,
     )
+    if write_metrics and cfg.tracking.enabled:
+        log_evaluation(
+            cfg,
+            source or "model",
+            flat,
+            Path(out or ev.out),
+            Path(metrics_file or ev.metrics),
+            info.get("mlflow_run_id"),
+        )
+    return flat
+
+
+def log_evaluation(
+    cfg: Config,
+    source: str,
+    flat: dict[str, float],
+    out: Path,
+    metrics_file: Path,
+    trained_run_id: str | None,
+) -> str:
+    """The evaluation as an MLflow run: its metrics, the metrics file and per-class CSV, and
+    the pictures of ``out`` (kernel maps, per-stage masks) as artifacts; nested under the
+    training run when that run is in the same store. Returns the run id."""
+    project = project_root(Path.cwd())
+    uri = resolve_uri(cfg.tracking.uri, project)
+    artifacts = cfg.tracking.artifact_location
+    if "://" not in artifacts and not Path(artifacts).is_absolute():
+        artifacts = str(project / artifacts)
+    tracking = dataclasses.replace(cfg.tracking, uri=uri, artifact_location=artifacts)
+    tags = {"knet.source": source, "knet.kind": "evaluation"}
+    if trained_run_id and run_exists(tracking, trained_run_id):
+        tags["mlflow.parentRunId"] = trained_run_id
+    tracker = Tracker(tracking, f"evaluate-{Path(source).stem}", tags=tags)
+    try:
+        tracker.log_metrics(flat, step=0)
+        for path in (metrics_file, per_class_path(metrics_file)):
+            if path.is_file():
+                tracker.log_artifact(path, "evaluation")
+        for picture in sorted(out.glob("*.png"))[:EVALUATION_PICTURES]:
+            tracker.log_artifact(picture, "evaluation/pictures")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    log.info("evaluation logged to MLflow run %s (%s)", tracker.run_id, uri)
+    return tracker.run_id
+
+
+# Pictures of the evaluation folder (kernel maps, per-stage masks) copied into its MLflow run.
+EVALUATION_PICTURES = 20
 
 
 def check_metrics_file(path: str | Path) -> None:

@@ -32,6 +32,19 @@ class TrackingUnreachableError(TrackingError):
     """The tracking server does not answer (yet): worth retrying, unlike a bad URI."""
 
 
+# Where DVC runs queued and --temp experiments: <project>/.dvc/tmp/exps/<workspace>.
+DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")
+
+
+def project_root(root: Path) -> Path:
+    """``root``, or the project a DVC temporary experiment workspace ``root`` belongs to."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(DVC_TEMP_WORKSPACES)):
+        if parts[i + 1 : i + 1 + len(DVC_TEMP_WORKSPACES)] == DVC_TEMP_WORKSPACES:
+            return Path(*parts[: i + 1])
+    return Path(root)
+
+
 def resolve_uri(uri: str, root: Path) -> str:
     """Make a relative ``sqlite:///file.db`` absolute under ``root`` (workers' cwd differs)."""
     prefix = "sqlite:///"
@@ -140,6 +153,19 @@ def experiment_id(cfg: TrackingConfig) -> str:
         return mlflow.create_experiment(cfg.experiment, artifact_location=location)
     except MlflowException:  # created meanwhile by a concurrent run
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def run_exists(cfg: TrackingConfig, run_id: str) -> bool:
+    """Whether ``run_id`` is a run of the store ``cfg.uri`` (a checkpoint may come from
+    another store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(cfg.uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 class Tracker:

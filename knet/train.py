@@ -44,6 +44,7 @@ from knet.tracking import (
     check_tracking_uri,
     flatten,
     lineage_tags,
+    project_root,
     resolve_uri,
     system_info,
 )
@@ -158,19 +159,6 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
         report_dir=absolute(cfg.tune.report_dir),
     )
     return dataclasses.replace(cfg, data=data, train=train_cfg, tune=tune, tracking=tracking)
-
-
-# Where DVC runs queued and --temp experiments: <project>/.dvc/tmp/exps/<workspace>.
-DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")
-
-
-def project_root(root: Path) -> Path:
-    """``root``, or the project a DVC temporary experiment workspace ``root`` belongs to."""
-    parts = Path(root).resolve().parts
-    for i in range(len(parts) - len(DVC_TEMP_WORKSPACES)):
-        if parts[i + 1 : i + 1 + len(DVC_TEMP_WORKSPACES)] == DVC_TEMP_WORKSPACES:
-            return Path(*parts[: i + 1])
-    return Path(root)
 
 
 def check_inputs(cfg: Config) -> None:

@@ -49,6 +49,8 @@ def trained(tmp_path_factory):
         "train.batch_size=4",
         "optim.lr=0.001",
         "optim.warmup_iters=0",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp / 'mlartifacts'}",
     ]
     cfg = load_config("params.yaml", overrides)
     generate(cfg.data.raw, cfg.data.synth, cfg.data, progress=False)
@@ -72,6 +74,40 @@ def trained(tmp_path_factory):
 
     params.write_text(yaml.safe_dump(cfg.to_dict()))
     return {"tmp": tmp, "cfg": cfg, "checkpoint": checkpoint, "params": params, "model": model}
+
+
+def test_an_evaluation_is_an_mlflow_run_under_its_training_run(trained, tmp_path):
+    """Metrics, the metrics file, the per-class CSV and the pictures reach MLflow, nested
+    under the run that trained the checkpoint."""
+    import mlflow
+
+    from knet.tracking import Tracker
+
+    cfg = trained["cfg"]
+    parent = Tracker(cfg.tracking, "training")
+    parent.end()
+    model, _, categories = load_model(trained["checkpoint"])
+    checkpoint = tmp_path / "tracked.pt"
+    save_checkpoint(checkpoint, model, cfg, categories, epoch=3, mlflow_run_id=parent.run_id)
+    metrics = evaluate_checkpoint(
+        checkpoint,
+        trained["params"],
+        out=tmp_path / "eval",
+        metrics_file=tmp_path / "metrics" / "eval.json",
+        kernel_maps=True,
+        progress=False,
+    )
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+    )
+    assert run.info.run_name == "evaluate-tracked" and run.data.tags["knet.kind"] == "evaluation"
+    assert run.data.metrics["miou"] == pytest.approx(metrics["miou"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/eval.json", "evaluation/eval_per_class.csv"} <= names
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/pictures")}
+    assert "evaluation/pictures/kernel_maps.png" in pictures
 
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_the_file(trained):
