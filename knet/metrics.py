@@ -34,6 +34,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from knet.data.categories import Categories
+from knet.data.rle import rle_counts
 from knet.postprocess import InstanceResult, PanopticResult
 from knet.structures import IGNORE_LABEL
 
@@ -66,37 +67,6 @@ def _to_numpy(x: np.ndarray | Tensor) -> np.ndarray:
     return np.asarray(x)
 
 
-def _rle_counts(rle: dict[str, Any]) -> np.ndarray:
-    """Run lengths of a COCO RLE (alternating 0 / 1 runs in column-major order), int64.
-
-    Compressed counts use COCO's text encoding: each count is a little-endian series of
-    5-bit groups stored as ``chr(48 + group)``, bit 0x20 meaning "more groups follow", the
-    last group's bit 0x10 the sign; from the fourth count on a count is stored as the
-    difference to the count two places before it.
-    """
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        return np.asarray(counts, dtype=np.int64)
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
-    if chars.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.flatnonzero((chars & 0x20) == 0)  # the last group of each count
-    if not ends.size:
-        return np.zeros(0, dtype=np.int64)
-    chars = chars[: ends[-1] + 1]
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    token = np.repeat(np.arange(len(ends)), ends - starts + 1)
-    shift = 5 * (np.arange(chars.size) - starts[token])
-    values = np.add.reduceat((chars & 0x1F) << shift, starts)
-    negative = (chars[ends] & 0x10) != 0
-    values[negative] -= np.left_shift(1, 5 * (ends - starts + 1)[negative])
-    values[1::2] = np.cumsum(values[1::2])  # counts m > 2 are deltas to count m - 2
-    values[2::2] = np.cumsum(values[2::2])
-    return values
-
-
 def _check_size(seg: dict[str, Any], height: int, width: int, image_id: int) -> None:
     size = [int(v) for v in seg["rle"]["size"]]
     if size != [height, width]:
@@ -116,7 +86,7 @@ def _paint(
     starts, lengths, owners = [], [], []
     for g, seg in enumerate(segments):
         _check_size(seg, height, width, image_id)
-        counts = _rle_counts(seg["rle"])
+        counts = rle_counts(seg["rle"]["counts"])
         if counts.sum() != height * width:
             raise ValueError(f"image {image_id}: segment {seg.get('id')} has a corrupt RLE")
         run_starts = np.cumsum(counts) - counts

@@ -25,7 +25,7 @@ from knet.config import Config, apply_override, config_from_dict, load_config
 from knet.data.atomic import check_output_dir, mark_output
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, load_rgb
-from knet.data.prepare import IMAGE_SUFFIXES
+from knet.data.layout import IMAGE_SUFFIXES
 from knet.data.transforms import Transform
 from knet.engine import predict_batch
 from knet.metrics import semantic_from_panoptic

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from knet.config import DataConfig
 
+# File suffixes read as images (a semantic_png image folder, knet predict's input folders).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
 
 class UnsafePathError(ValueError):
     """A file name that points outside the dataset root (``..``, absolute, or a symlink out)."""

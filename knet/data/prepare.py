@@ -38,7 +38,7 @@ from tqdm import tqdm
 from knet.config import DataConfig
 from knet.data.atomic import atomic_directory, check_output_dir
 from knet.data.categories import Categories
-from knet.data.layout import DatasetPaths, confined, dataset_paths
+from knet.data.layout import IMAGE_SUFFIXES, DatasetPaths, confined, dataset_paths
 from knet.data.validate import DatasetValidationError, ValidationReport, validate_split
 
 log = logging.getLogger(__name__)
@@ -337,9 +337,6 @@ def _read_instance(paths: DatasetPaths, bad: set[int]) -> tuple[Categories, Iter
             yield _image_record(image), segments
 
     return categories, records()
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def _read_semantic(

@@ -36,7 +36,8 @@ from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from knet.data.layout import DatasetPaths, UnsafePathError, confined
+from knet.data.layout import IMAGE_SUFFIXES, DatasetPaths, UnsafePathError, confined
+from knet.data.rle import rle_counts
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ Level = Literal["error", "warning", "info"]
 
 FORMATS = ("coco_panoptic", "coco_instance", "semantic_png")
 
-#: File suffixes treated as images when listing a semantic_png image folder.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 #: Every code a :class:`Problem` can carry, with what it means.
 PROBLEM_CODES: dict[str, str] = {
@@ -267,37 +266,6 @@ def _strict_loading() -> Iterator[None]:
         yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def _decode_rle_string(counts: str) -> list[int]:
-    """Decode COCO's compressed RLE string (pycocotools' ``rleFrString``) with bounds checks.
-
-    Raises:
-        ValueError: on a character outside the alphabet or a string that ends mid-number.
-    """
-    out: list[int] = []
-    pos = 0
-    n = len(counts)
-    while pos < n:
-        value = 0
-        shift = 0
-        while True:
-            if pos >= n:
-                raise ValueError("string ends in the middle of a number")
-            code = ord(counts[pos]) - 48
-            if not 0 <= code < 64:
-                raise ValueError(f"character {counts[pos]!r} at {pos} is not RLE")
-            pos += 1
-            value |= (code & 0x1F) << shift
-            shift += 5
-            if not code & 0x20:
-                if code & 0x10:
-                    value |= -1 << shift
-                break
-        if len(out) > 2:
-            value += out[-2]
-        out.append(value)
-    return out
 
 
 @dataclass
@@ -1143,7 +1111,7 @@ class _Checker:
         raw = rle.get("counts")
         try:
             if isinstance(raw, str):
-                counts = _decode_rle_string(raw)
+                counts = rle_counts(raw, strict=True).tolist()
             elif isinstance(raw, list) and all(_is_int(v) for v in raw):
                 counts = raw
             else:
