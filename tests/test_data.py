@@ -360,3 +360,18 @@ def test_coco_instance_polygons_rle_and_crowd(tmp_path):
     assert abs(segments[10]["area"] - 100) <= 12  # rasterised polygon
     with pytest.raises(ValueError, match="model.task=panoptic cannot train"):
         build_dataset(cfg.data, "train", "panoptic", train=False)
+
+
+def test_the_data_layer_imports_nothing_above_it():
+    """The dataset (with its ground-truth records) imports no model, metric or orchestration
+    module: the one import that used to run back up a layer (GroundTruth lived in metrics)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, knet.data.dataset, knet.data.prepare, knet.data.groundtruth; "
+        "print(sorted(m for m in sys.modules if m.startswith('knet.') "
+        "and not m.startswith(('knet.data', 'knet.config', 'knet.structures'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

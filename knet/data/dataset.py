@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from knet.config import DataConfig
 from knet.data.categories import Categories
+from knet.data.groundtruth import GroundTruth
 from knet.data.transforms import MASK_STRIDE, Transform
-from knet.metrics import GroundTruth
 from knet.structures import IGNORE_LABEL, Targets
 
 TASK_FORMATS = {
