@@ -155,7 +155,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _tracking_uri(args: argparse.Namespace, cfg: Config | None = None) -> str:
     """``--tracking-uri``, else ``tracking.uri`` of the params (relative sqlite paths from here)."""
-    from knet.tracking import resolve_uri
+    from knet.config import resolve_uri
 
     if getattr(args, "tracking_uri", None):
         return args.tracking_uri

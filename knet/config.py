@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -435,6 +436,64 @@ class Config:
         """Short stable hash of the resolved config (for lineage tags and run names)."""
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------ path resolution
+
+# Where DVC runs queued and --temp experiments: <project>/.dvc/tmp/exps/<workspace>.
+DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")
+
+
+def project_root(root: Path) -> Path:
+    """``root``, or the project a DVC temporary experiment workspace ``root`` belongs to."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(DVC_TEMP_WORKSPACES)):
+        if parts[i + 1 : i + 1 + len(DVC_TEMP_WORKSPACES)] == DVC_TEMP_WORKSPACES:
+            return Path(*parts[: i + 1])
+    return Path(root)
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute under ``root`` (workers' cwd differs)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((root / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def absolute_paths(cfg: Config, root: Path) -> Config:
+    """Every relative path in ``cfg`` made absolute (Ray workers run in other folders).
+
+    The tracking store (a relative sqlite file, the artifact folder) is the project's even
+    when ``root`` is a DVC experiment's temporary workspace (``dvc exp run --temp`` / queued
+    runs): MLflow runs land beside the user's other runs, not in a folder DVC deletes.
+    """
+
+    def absolute(path: str, base: Path = root) -> str:
+        return path if "://" in path or os.path.isabs(path) else str(base / path)
+
+    project = project_root(root)
+
+    data = dataclasses.replace(
+        cfg.data, raw=absolute(cfg.data.raw), prepared=absolute(cfg.data.prepared)
+    )
+    train_cfg = dataclasses.replace(
+        cfg.train,
+        storage_path=absolute(cfg.train.storage_path),
+        output=absolute(cfg.train.output),
+        metrics=absolute(cfg.train.metrics),
+    )
+    tracking = dataclasses.replace(
+        cfg.tracking,
+        uri=resolve_uri(cfg.tracking.uri, project),
+        artifact_location=absolute(cfg.tracking.artifact_location, project),
+    )
+    tune = dataclasses.replace(
+        cfg.tune,
+        storage_path=absolute(cfg.tune.storage_path),
+        report_dir=absolute(cfg.tune.report_dir),
+    )
+    return dataclasses.replace(cfg, data=data, train=train_cfg, tune=tune, tracking=tracking)
 
 
 # Value ranges checked after type conversion: dotted key -> (low, high), inclusive.

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from knet.checkpoint import load_model
-from knet.config import Config, load_config
+from knet.config import Config, load_config, project_root, resolve_uri
 from knet.data.atomic import atomic_directory, check_output_dir, write_json_atomic
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
@@ -39,7 +39,7 @@ from knet.engine import channels_last_on, run_inference
 from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult
-from knet.tracking import Tracker, project_root, resolve_uri, run_exists
+from knet.tracking import Tracker, run_exists
 from knet.visualize import kernel_activation_grid, stage_masks_figure
 
 log = logging.getLogger(__name__)

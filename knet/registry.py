@@ -196,8 +196,8 @@ def promote(
             linked to the run that wrote it when the checkpoint names one.
         settle_s: how long to wait after moving ``champion`` before re-reading it.
     """
+    from knet.config import absolute_paths
     from knet.tracking import check_tracking_uri
-    from knet.train import absolute_paths
 
     root = Path(root).resolve()
     cfg = absolute_paths(cfg, root)

@@ -32,27 +32,6 @@ class TrackingUnreachableError(TrackingError):
     """The tracking server does not answer (yet): worth retrying, unlike a bad URI."""
 
 
-# Where DVC runs queued and --temp experiments: <project>/.dvc/tmp/exps/<workspace>.
-DVC_TEMP_WORKSPACES = (".dvc", "tmp", "exps")
-
-
-def project_root(root: Path) -> Path:
-    """``root``, or the project a DVC temporary experiment workspace ``root`` belongs to."""
-    parts = Path(root).resolve().parts
-    for i in range(len(parts) - len(DVC_TEMP_WORKSPACES)):
-        if parts[i + 1 : i + 1 + len(DVC_TEMP_WORKSPACES)] == DVC_TEMP_WORKSPACES:
-            return Path(*parts[: i + 1])
-    return Path(root)
-
-
-def resolve_uri(uri: str, root: Path) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute under ``root`` (workers' cwd differs)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((root / uri[len(prefix) :]).resolve())
-    return uri
-
-
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail before any work when the tracking store cannot be written or reached."""
     if uri.startswith("sqlite:///"):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from knet.checkpoint import check_checkpoint_output, load_checkpoint, save_checkpoint
-from knet.config import Config, config_from_dict
+from knet.config import Config, absolute_paths, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.dataset import build_dataset, build_loader
 from knet.data.prepare import scale_advice
@@ -44,8 +44,6 @@ from knet.tracking import (
     check_tracking_uri,
     flatten,
     lineage_tags,
-    project_root,
-    resolve_uri,
     system_info,
 )
 
@@ -124,41 +122,6 @@ def train(
 def default_run_name(cfg: Config) -> str:
     """``knet-<task>-<digest of the params>``: same params, same run, so reruns resume."""
     return f"knet-{cfg.model.task}-{cfg.digest()}"
-
-
-def absolute_paths(cfg: Config, root: Path) -> Config:
-    """Every relative path in ``cfg`` made absolute (Ray workers run in other folders).
-
-    The tracking store (a relative sqlite file, the artifact folder) is the project's even
-    when ``root`` is a DVC experiment's temporary workspace (``dvc exp run --temp`` / queued
-    runs): MLflow runs land beside the user's other runs, not in a folder DVC deletes.
-    """
-
-    def absolute(path: str, base: Path = root) -> str:
-        return path if "://" in path or os.path.isabs(path) else str(base / path)
-
-    project = project_root(root)
-
-    data = dataclasses.replace(
-        cfg.data, raw=absolute(cfg.data.raw), prepared=absolute(cfg.data.prepared)
-    )
-    train_cfg = dataclasses.replace(
-        cfg.train,
-        storage_path=absolute(cfg.train.storage_path),
-        output=absolute(cfg.train.output),
-        metrics=absolute(cfg.train.metrics),
-    )
-    tracking = dataclasses.replace(
-        cfg.tracking,
-        uri=resolve_uri(cfg.tracking.uri, project),
-        artifact_location=absolute(cfg.tracking.artifact_location, project),
-    )
-    tune = dataclasses.replace(
-        cfg.tune,
-        storage_path=absolute(cfg.tune.storage_path),
-        report_dir=absolute(cfg.tune.report_dir),
-    )
-    return dataclasses.replace(cfg, data=data, train=train_cfg, tune=tune, tracking=tracking)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -268,7 +231,7 @@ def connect(address: str | None, dashboard: bool = False) -> None:
     import ray
 
     if address and address != "auto":
-        _check_reachable(address)
+        check_reachable(address)
     if ray.is_initialized():
         return
     # Ray Train V2 turns every print() of a worker into a log record and also tees it, so each
@@ -376,7 +339,7 @@ def quiet_ray_worker() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A quick TCP check, because ``ray.init`` retries an unreachable head for minutes."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:

@@ -30,12 +30,11 @@ from typing import Any
 import yaml
 
 from knet.ablation import format_value, hashable, reference_cell, write_reports
-from knet.config import Config, ConfigError, apply_override, config_from_dict
+from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
 from knet.data.atomic import write_json_atomic
 from knet.data.categories import Categories
 from knet.train import (
     TrainSetupError,
-    absolute_paths,
     build_trainer,
     check_inputs,
     check_placement,

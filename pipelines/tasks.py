@@ -53,13 +53,14 @@ def load_params(params: str, overrides: list[str]) -> Config:
 @_retrying(name="check-services", timeout_seconds=60)
 def check_services(cfg: Config, root: str, address: str | None) -> None:
     """The tracking store and the Ray head answer (retried while they start)."""
-    from knet.tracking import check_tracking_uri, resolve_uri
-    from knet.train import _check_reachable
+    from knet.config import resolve_uri
+    from knet.tracking import check_tracking_uri
+    from knet.train import check_reachable
 
     if cfg.tracking.enabled:
         check_tracking_uri(resolve_uri(cfg.tracking.uri, Path(root).resolve()))
     if address and address != "auto":
-        _check_reachable(address)
+        check_reachable(address)
 
 
 def _dvc_key(context, parameters) -> str | None:
@@ -139,9 +140,9 @@ def promote_model(cfg: Config, root: str, checkpoint: str) -> dict[str, Any]:
 @task(name="predict", timeout_seconds=1800)
 def predict_samples(cfg: Config, root: str, model_uri: str, images: int) -> dict[str, Any]:
     """Overlay PNGs and segment JSONs for the first ``images`` val images, from the registry."""
+    from knet.config import resolve_uri
     from knet.predict import expand_inputs, predict_checkpoint
     from knet.registry import load_registered
-    from knet.tracking import resolve_uri
 
     absolute = _absolute(cfg, root)
     loaded = load_registered(model_uri, resolve_uri(cfg.tracking.uri, Path(root).resolve()))
@@ -153,6 +154,6 @@ def predict_samples(cfg: Config, root: str, model_uri: str, images: int) -> dict
 
 
 def _absolute(cfg: Config, root: str) -> Config:
-    from knet.train import absolute_paths
+    from knet.config import absolute_paths
 
     return absolute_paths(cfg, Path(root).resolve())

@@ -192,9 +192,7 @@ def test_two_experiments_read_back_with_exp_show(tmp_path):
 
 
 def test_a_dvc_temporary_workspace_keeps_the_projects_tracking_store(tmp_path):
-    from knet.config import load_config
-    from knet.tracking import project_root
-    from knet.train import absolute_paths
+    from knet.config import absolute_paths, load_config, project_root
 
     workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     workspace.mkdir(parents=True)
