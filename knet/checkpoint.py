@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from knet.config import Config, config_from_dict
-from knet.data.atomic import OutputExistsError
 from knet.data.categories import Categories
+from knet.io import OutputExistsError
 from knet.model import KNet, build_model
 
 CHECKPOINT_VERSION = 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from knet.config import Config, ConfigError, load_config
-from knet.data.atomic import dumps
+from knet.io import dumps
 
 
 def _add_params_args(parser: argparse.ArgumentParser) -> None:

@@ -32,10 +32,10 @@ from PIL import Image
 
 from knet.checkpoint import load_model
 from knet.config import Config, load_config, project_root, resolve_uri
-from knet.data.atomic import atomic_directory, check_output_dir, write_json_atomic
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
 from knet.engine import channels_last_on, run_inference
+from knet.io import atomic_directory, check_output_dir, write_json_atomic
 from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from knet.checkpoint import load_model
-from knet.data.atomic import OutputExistsError
+from knet.io import OutputExistsError
 from knet.model.knet import KNetOutput, StageOutput
 
 # Export-time example (batch 2: a batch of 1 would be specialised to 1) and the size range.

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from knet.checkpoint import load_model
 from knet.config import Config, apply_override, config_from_dict, load_config
-from knet.data.atomic import check_output_dir, mark_output
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, load_rgb
 from knet.data.layout import IMAGE_SUFFIXES
 from knet.data.transforms import Transform
 from knet.engine import predict_batch
+from knet.io import check_output_dir, mark_output
 from knet.metrics import semantic_from_panoptic
 from knet.model import KNet
 from knet.postprocess import PanopticResult

@@ -33,8 +33,8 @@ import torch
 
 from knet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from knet.config import Config, config_from_dict
-from knet.data.atomic import dumps, write_json_atomic
 from knet.data.categories import Categories
+from knet.io import dumps, write_json_atomic
 from knet.model import KNet
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")

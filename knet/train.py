@@ -30,11 +30,11 @@ import torch
 
 from knet.checkpoint import check_checkpoint_output, load_checkpoint, save_checkpoint
 from knet.config import Config, absolute_paths, config_from_dict
-from knet.data.atomic import write_json_atomic
 from knet.data.dataset import build_dataset, build_loader
 from knet.data.prepare import scale_advice
 from knet.engine import NonFiniteLossError, accelerate, train_one_epoch
 from knet.evaluate import accumulate_metrics, summarize
+from knet.io import write_json_atomic
 from knet.losses import KNetCriterion
 from knet.metrics import gather
 from knet.model import build_model

@@ -31,8 +31,8 @@ import yaml
 
 from knet.ablation import format_value, hashable, reference_cell, write_reports
 from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
-from knet.data.atomic import write_json_atomic
 from knet.data.categories import Categories
+from knet.io import write_json_atomic
 from knet.train import (
     TrainSetupError,
     build_trainer,

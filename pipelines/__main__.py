@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from knet.config import ConfigError, load_config
-    from knet.data.atomic import dumps
+    from knet.io import dumps
 
     # A bad params file or --set key is the commonest mistake: one line before any flow starts
     # (the flow checks again, for runs that come through a deployment).

@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from knet.cli import main
-from knet.data.atomic import MARKER
+from knet.io import MARKER
 from tests.test_no_data_loss import snapshot
 from tests.test_train import make_data, run_config, untrained_checkpoint
 

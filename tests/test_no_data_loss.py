@@ -20,14 +20,14 @@ import yaml
 from PIL import Image
 
 from knet.checkpoint import save_checkpoint
-from knet.data.atomic import (
+from knet.data.categories import Categories
+from knet.io import (
     MARKER,
     OutputExistsError,
     atomic_directory,
     check_output_dir,
     output_kind,
 )
-from knet.data.categories import Categories
 from knet.model import build_model
 from knet.predict import output_names
 from tests.conftest import ROOT, tiny_config
@@ -205,7 +205,7 @@ def test_train_never_writes_its_checkpoint_over_a_file_that_is_not_one(project):
 
 
 def test_json_outputs_are_valid_json_with_null_for_nan(tmp_path):
-    from knet.data.atomic import write_json_atomic
+    from knet.io import write_json_atomic
 
     path = tmp_path / "m.json"
     write_json_atomic(path, {"ap": float("nan"), "pq": 1.5, "h": [float("inf"), {"x": 2.0}]})

@@ -15,10 +15,10 @@ import pytest
 
 from knet.config import load_config
 from knet.data import nuclei
-from knet.data.atomic import OutputExistsError
 from knet.data.layout import dataset_paths
 from knet.data.prepare import prepare
 from knet.data.validate import validate_split
+from knet.io import OutputExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "nuclei-instance.yaml"

@@ -28,8 +28,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from knet.config import DataConfig
-from knet.data.atomic import atomic_directory
 from knet.data.layout import dataset_paths
+from knet.io import atomic_directory
 
 PACKAGE = "stardist"
 PACKAGE_PIN = "stardist==0.9.2"

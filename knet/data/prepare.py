@@ -36,10 +36,10 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from knet.config import DataConfig
-from knet.data.atomic import atomic_directory, check_output_dir
 from knet.data.categories import Categories
 from knet.data.layout import IMAGE_SUFFIXES, DatasetPaths, confined, dataset_paths
 from knet.data.validate import DatasetValidationError, ValidationReport, validate_split
+from knet.io import atomic_directory, check_output_dir
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from knet.config import DataConfig, SynthConfig
-from knet.data.atomic import atomic_directory
 from knet.data.layout import DatasetPaths, dataset_paths
+from knet.io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
