@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	# A re-install (pyproject changed) finds the data-only wheel below from the last one.
+	$(BIN)/python -m pip uninstall --quiet --yes stardist 2>/dev/null || true
 	$(BIN)/python -m pip check
 	# Data only: `knet data nuclei` reads the micrograph shipped in this wheel and never imports
 	# the package, so its dependencies (csbdeep, numba, ...) are not installed (after pip check).
