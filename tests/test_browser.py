@@ -62,3 +62,87 @@ def test_the_registered_model_page_shows_versions_aliases_and_lineage(tmp_path):
     for tag in ("params_hash", "data_hash", "git_commit", "validation_status"):
         assert tag in text, tag  # the lineage and gate tags of each version
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FLOW = """
+import json, sys
+from prefect import flow
+from prefect.runtime import flow_run
+from pipelines.flows import _publish
+
+@flow(name="train-knet")
+def summary_only():
+    _publish("train-knet-summary", "train-knet",
+             {"metrics": {"pq": 66.283, "pq_th": 51.978}, "model": "knet-panoptic", "version": 1})
+    return flow_run.id
+
+print(json.dumps({"run": str(summary_only())}))
+"""
+
+
+def test_the_prefect_flow_run_and_its_summary_artifact_render(tmp_path):
+    """A real Prefect server on 127.0.0.1 (its UI pointed at its own API); a flow publishes
+    knet's summary artifact; Chromium renders the flow-run page and the artifact's page."""
+    import json
+    import os
+    import signal
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port, venv_env
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = venv_env(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={**env, "PREFECT_UI_API_URL": api}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        ran = subprocess.run(
+            [sys.executable, "-c", FLOW], cwd=ROOT, env={**env, "PREFECT_API_URL": api},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        run_id = json.loads(ran.stdout.strip().splitlines()[-1])["run"]
+        request = urllib.request.Request(
+            f"{api}/artifacts/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            (artifact,) = json.loads(response.read())
+
+        page = chromium("--dump-dom", f"http://127.0.0.1:{port}/runs/flow-run/{run_id}")
+        assert page.returncode == 0, page.stderr[-2000:]
+        summary = chromium(
+            "--dump-dom", f"http://127.0.0.1:{port}/artifacts/artifact/{artifact['id']}"
+        )
+        shot = ROOT / "reports" / "browser-prefect-summary.png"
+        chromium(
+            f"--screenshot={shot}",
+            "--window-size=1400,1000",
+            f"http://127.0.0.1:{port}/artifacts/artifact/{artifact['id']}",
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    text = visible_text(page.stdout)
+    assert "train-knet" in text and "Completed" in text and "Artifacts" in text
+    text = visible_text(summary.stdout)
+    assert "train-knet-summary" in text and "train-knet summary" in text
+    assert "knet-panoptic" in text and "pq 66.28" in text  # the rendered summary table
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
