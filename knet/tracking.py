@@ -134,6 +134,24 @@ def experiment_id(cfg: TrackingConfig) -> str:
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
 
 
+def ui_address(uri: str, page: str) -> str:
+    """The MLflow UI's ``page`` (``experiments/E/runs/R``, ``models/M/versions/V``) for the
+    store ``uri``: on a tracking server its URL; for a local store the page ``mlflow ui``
+    (``make mlflow-ui``) serves, and the command that serves it."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/{page}"
+    return f"http://127.0.0.1:5000/#/{page} (mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+
+
+def run_address(uri: str, run_id: str, experiment_id: str | None = None) -> str:
+    """The UI page of run ``run_id`` (:func:`ui_address`)."""
+    if experiment_id is None:
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return ui_address(uri, f"experiments/{experiment_id}/runs/{run_id}")
+
+
 def run_exists(cfg: TrackingConfig, run_id: str) -> bool:
     """Whether ``run_id`` is a run of the store ``cfg.uri`` (a checkpoint may come from
     another store)."""

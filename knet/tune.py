@@ -100,7 +100,10 @@ def tune(
     write_json_atomic(sweep_dir / SWEEP_FILE, sweep, indent=2)
     _print_start(name, sweep_dir, len(grid), concurrency, metric)
     if parent:
-        log.info("  MLflow: %s", mlflow_address(cfg.tracking.uri, parent))
+        from knet.tracking import run_address
+
+        info = parent.run.info
+        log.info("  MLflow: %s", run_address(cfg.tracking.uri, info.run_id, info.experiment_id))
 
     payload = {
         "config": cfg.to_dict(),
@@ -641,18 +644,6 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     values = [float(r[key]) for r in rows if isinstance(r.get(key), int | float)]
     values = [v for v in values if math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
-
-
-def mlflow_address(uri: str, parent) -> str:
-    """Where to see the sweep's parent run: its page on a server, or the command that serves a
-    local store (the UI then lists the trials under it; its chart view compares them)."""
-    run = parent.run.info
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
-    return (
-        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
-        f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}"
-    )
 
 
 def _print_start(name: str, sweep_dir: Path, trials: int, concurrency: int, metric: str) -> None:

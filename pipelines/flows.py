@@ -98,6 +98,7 @@ def train_knet(
         "data_hash": data,
         "run": trained["run_name"],
         "mlflow_run_id": trained.get("mlflow_run_id"),
+        **_links(cfg, root, trained.get("mlflow_run_id"), decision),
         "train_s": trained["seconds"],
         "metrics": {k: metrics[k] for k in ("pq", "pq_th", "pq_st", "ap", "miou") if k in metrics},
         "model": decision["model"],
@@ -185,6 +186,23 @@ def ablate_knet(
     summary["stage_s"] = {k: round(v, 1) for k, v in times.items()}
     _publish("ablate-knet-summary", "ablate-knet", summary)
     return summary
+
+
+def _links(cfg, root: str, run_id: str | None, decision: dict[str, Any]) -> dict[str, str]:
+    """The MLflow UI pages of the training run and of the registered version."""
+    from knet.config import resolve_uri
+    from knet.tracking import run_address, ui_address
+
+    if not cfg.tracking.enabled:
+        return {}
+    uri = resolve_uri(cfg.tracking.uri, Path(root).resolve())
+    version = decision["challenger"]["version"]
+    links = {
+        "model_version_page": ui_address(uri, f"models/{decision['model']}/versions/{version}")
+    }
+    if run_id:
+        links["mlflow_run_page"] = run_address(uri, run_id)
+    return links
 
 
 def _prepare(params: str, items: list[str], root: str, address: str | None, clock: _Clock):

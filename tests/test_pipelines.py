@@ -63,6 +63,11 @@ def test_train_knet_flow_end_to_end(harness, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     version = mlflow.MlflowClient().get_model_version_by_alias("knet-panoptic", "champion")
     assert str(version.version) == "1" and version.tags["data_hash"] == summary["data_hash"]
+    # the summary links the MLflow UI's pages of the training run and of the version
+    experiment = mlflow.get_run(summary["mlflow_run_id"]).info.experiment_id
+    run_page = f"#/experiments/{experiment}/runs/{summary['mlflow_run_id']}"
+    assert summary["mlflow_run_page"].startswith(f"http://127.0.0.1:5000/{run_page} (mlflow ui")
+    assert "#/models/knet-panoptic/versions/1" in summary["model_version_page"]
 
     async def read_artifact():
         async with get_client() as client:
