@@ -139,7 +139,7 @@ def json_safe(data: Any) -> Any:
 
     Python's ``json`` writes a bare ``NaN``, which no JSON parser but Python's accepts; knet
     writes ``null`` for a metric that has no value (e.g. AP_l when the split has no large
-    object), as the README states.
+    object), as docs/data.md states.
     """
     if isinstance(data, float):
         return data if math.isfinite(data) else None

@@ -252,7 +252,7 @@ def connect(address: str | None, dashboard: bool = False) -> None:
         if address:  # a running cluster: its auth mode is the cluster's (RAY_AUTH_MODE, token)
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; see README.md
             # Auth is off, so nothing may listen beyond this machine: with this variable every
             # listener of the local instance (GCS, raylet, object manager) binds to 127.0.0.1.
             # It is read when Ray is imported (the driver's copy is set too) and when Ray's
@@ -266,7 +266,7 @@ def connect(address: str | None, dashboard: bool = False) -> None:
                 # No dashboard: on a 2-core laptop it cost 10-15 % of the training throughput.
                 # Ray Train's placement-group cleaner then warns that the State API is
                 # unavailable (quiet_ray_worker drops that); for the dashboard, start a head
-                # (README) and --address. address="local": always a new instance, never a
+                # (docs/cluster.md) and --address. address="local": always a new instance, never a
                 # cluster that `ray start` left in /tmp/ray/ray_current_cluster (a stopped
                 # head there made ray.init hang).
                 ray.init(
