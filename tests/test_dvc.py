@@ -188,7 +188,11 @@ def test_two_experiments_read_back_with_exp_show(tmp_path):
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert sorted(r.data.params["model.num_stages"] for r in runs) == ["1", "2", "3"]
+    trained = [r for r in runs if r.data.tags.get("knet.kind") != "evaluation"]
+    assert sorted(r.data.params["model.num_stages"] for r in trained) == ["1", "2", "3"]
+    evaluations = [r for r in runs if r.data.tags.get("knet.kind") == "evaluation"]
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in evaluations}
+    assert len(evaluations) == 3 and parents == {r.info.run_id for r in trained}
 
 
 def test_a_dvc_temporary_workspace_keeps_the_projects_tracking_store(tmp_path):
