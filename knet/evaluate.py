@@ -16,7 +16,6 @@ output), an instance model AP, a semantic model mIoU.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from knet.checkpoint import load_model
-from knet.config import Config, load_config, project_root, resolve_uri
+from knet.config import Config, absolute_paths, load_config
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
 from knet.engine import channels_last_on, run_inference
@@ -124,12 +123,8 @@ def log_evaluation(
     """The evaluation as an MLflow run: its metrics, the metrics file and per-class CSV, and
     the pictures of ``out`` (kernel maps, per-stage masks) as artifacts; nested under the
     training run when that run is in the same store. Returns the run id."""
-    project = project_root(Path.cwd())
-    uri = resolve_uri(cfg.tracking.uri, project)
-    artifacts = cfg.tracking.artifact_location
-    if "://" not in artifacts and not Path(artifacts).is_absolute():
-        artifacts = str(project / artifacts)
-    tracking = dataclasses.replace(cfg.tracking, uri=uri, artifact_location=artifacts)
+    tracking = absolute_paths(cfg, Path.cwd()).tracking  # the project's store, as training's
+    uri = tracking.uri
     tags = {"knet.source": source, "knet.kind": "evaluation"}
     if trained_run_id and run_exists(tracking, trained_run_id):
         tags["mlflow.parentRunId"] = trained_run_id
