@@ -2,17 +2,20 @@
 
 Pure functions over plain rows (dicts), no Ray. The sweep's **axes** are its grid: dotted
 config keys and their values (rounds x kernels by default, Table 4c/4d; any keys with
-``tune.grid``). :func:`cell_stats` groups the trials into cells (one per combination of axis
-values) and takes mean +- std and a 95% t interval over seeds; :func:`compare` pairs a cell with
-the reference cell (the params' own values) seed by seed. :func:`write_reports` writes
-``ablation.csv`` (one row per trial), ``ablation.md`` (a rows x columns table for two axes,
-like Table 4, one row per cell otherwise; the paired comparison) and ``ablation.png`` (the
-metric against each axis with 95% intervals), each atomically (temporary file, then rename).
+``tune.grid``). The cells are every combination of axis values, or (``tune.design:
+one_at_a_time``) the reference and each axis varied alone around it. :func:`cell_stats`
+groups the trials into cells and takes mean +- std and a 95% t interval over seeds;
+:func:`compare` pairs a cell with the reference cell (the params' own values) seed by seed.
+:func:`write_reports` writes ``ablation.csv`` (one row per trial), ``ablation.md`` (a rows x
+columns table for two axes, like Table 4, one small table per axis for one at a time, one row
+per cell otherwise; the paired comparison) and ``ablation.png`` (the metric against each axis
+with 95% intervals), each atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -155,18 +158,46 @@ def cells_of(axes: Axes) -> list[CellKey]:
     return keys
 
 
+def one_at_a_time_cells(axes: Axes, reference: CellKey) -> list[CellKey]:
+    """The reference cell and, for each axis in turn, every other value of that axis with the
+    other axes at the reference (a one-factor-at-a-time design, as the paper's Table 4 varies
+    one component around the default), in axis order then value order."""
+    cells = []
+    for i, values in enumerate(axes.values()):
+        for value in values:
+            cell = (*reference[:i], hashable(value), *reference[i + 1 :])
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def design_cells(axes: Axes, design: str = "product", reference: CellKey | None = None):
+    """The cells a sweep runs: the full product, or one axis at a time around ``reference``."""
+    if design == "product":
+        return cells_of(axes)
+    if design == "one_at_a_time":
+        if reference is None:
+            raise ValueError("a one-at-a-time design needs its reference cell")
+        return one_at_a_time_cells(axes, reference)
+    raise ValueError(f"unknown design {design!r}")
+
+
 def cell_stats(
-    rows: Sequence[Mapping[str, Any]], axes: Axes, key: str = "value"
+    rows: Sequence[Mapping[str, Any]],
+    axes: Axes,
+    key: str = "value",
+    cells: Sequence[CellKey] | None = None,
 ) -> dict[CellKey, Cell]:
     """Mean +- std of ``key`` (the sweep's metric by default) per cell over the trials that
-    finished or that the scheduler stopped."""
-    cells = {}
-    for cell in cells_of(axes):
+    finished or that the scheduler stopped. ``cells``: the sweep's cells (default: every
+    combination of the axes)."""
+    stats = {}
+    for cell in cells if cells is not None else cells_of(axes):
         group = [r for r in rows if tuple(row_value(r, k) for k in axes) == cell]
         done = [r for r in group if r["status"] in ("finished", "stopped") and _finite(r.get(key))]
         speeds = [r["images_per_s"] for r in done if _finite(r.get("images_per_s"))]
         ends = [done[0].get(f"{key}_low"), done[0].get(f"{key}_high")] if len(done) == 1 else []
-        cells[cell] = Cell(
+        stats[cell] = Cell(
             point=tuple(zip(axes, cell, strict=True)),
             values=tuple(float(r[key]) for r in done),
             seeds=tuple(int(r["seed"]) for r in done),
@@ -178,7 +209,7 @@ def cell_stats(
             if ends and all(map(_finite, ends))
             else None,
         )
-    return cells
+    return stats
 
 
 def compare(cell: Cell, reference: Cell) -> Comparison | None:
@@ -209,6 +240,13 @@ def reference_cell(axes: Axes, base: Mapping[str, Any]) -> CellKey:
     return key if key in cells_of(axes) else cells_of(axes)[0]
 
 
+def off_reference_axis(cell: CellKey, reference: CellKey) -> int | None:
+    """The one axis on which ``cell`` differs from ``reference`` (None: it is the reference, or
+    differs on several)."""
+    differ = [i for i, (a, b) in enumerate(zip(cell, reference, strict=True)) if a != b]
+    return differ[0] if len(differ) == 1 else None
+
+
 def write_reports(
     rows: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
@@ -217,24 +255,30 @@ def write_reports(
     axes: Axes,
     reference: CellKey | None = None,
     header: Mapping[str, Any] | None = None,
+    design: str = "product",
 ) -> dict[str, Path]:
     """Write ``ablation.{csv,md,png}`` under ``out_dir``; returns their paths by suffix.
 
-    ``reference`` is the cell the others are compared with, seed by seed (default: the first).
+    ``reference`` is the cell the others are compared with, seed by seed (default: the first);
+    ``design`` says which cells the sweep ran (:func:`design_cells`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = {cell: i for i, cell in enumerate(cells_of(axes))}
+    if reference is None:
+        reference = cells_of(axes)[0]
+    keys = design_cells(axes, design, reference)
+    order = {cell: i for i, cell in enumerate(keys)}
     rows = sorted(
         rows,
         key=lambda r: (order.get(tuple(row_value(r, k) for k in axes), len(order)), r["seed"]),
     )
-    cells = cell_stats(rows, axes)
+    cells = cell_stats(rows, axes, cells=keys)
     reference = reference if reference in cells else next(iter(cells))
     paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
     _write_text(paths["csv"], render_csv(rows, axes))
-    _write_text(paths["md"], render_markdown(rows, cells, metric, axes, reference, header or {}))
-    _write_plot(paths["png"], cells, metric, axes)
+    text = render_markdown(rows, cells, metric, axes, reference, header or {}, design)
+    _write_text(paths["md"], text)
+    _write_plot(paths["png"], cells, metric, axes, reference if design != "product" else None)
     return paths
 
 
@@ -256,6 +300,7 @@ def render_markdown(
     axes: Axes,
     reference: CellKey,
     header: Mapping[str, Any],
+    design: str = "product",
 ) -> str:
     seeds = max((len({r["seed"] for r in rows}), 1))
     title = " x ".join(
@@ -270,23 +315,25 @@ def render_markdown(
     shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     lines += [f"- trials: {len(rows)} ({shown})", ""]
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    lines += _cell_table(f"{metric} at the last epoch ({spread})", cells, axes, _metric_text)
+    table = functools.partial(_cell_table, axes=axes, reference=reference, design=design)
+    lines += table(f"{metric} at the last epoch ({spread})", cells, text=_metric_text)
     if counts["stopped"]:
         lines += ["\\* includes trials the scheduler stopped early, at their last epoch.", ""]
     lines += _comparison(cells, reference, metric)
-    lines += _cell_table(
-        "Parameters (millions)", cells, axes, lambda c: f"{c.params / 1e6:.2f}" if c.params else "—"
+    lines += table(
+        "Parameters (millions)",
+        cells,
+        text=lambda c: f"{c.params / 1e6:.2f}" if c.params else "—",
     )
-    lines += _cell_table(
+    lines += table(
         "Training throughput (images/s, mean over epochs)",
         cells,
-        axes,
-        lambda c: f"{c.images_per_s:.1f}" if c.images_per_s else "—",
+        text=lambda c: f"{c.images_per_s:.1f}" if c.images_per_s else "—",
     )
     for other in SECONDARY:
         if other != metric and any(_finite(r.get(other)) for r in rows):
-            grid = cell_stats(rows, axes, key=other)
-            lines += _cell_table(f"{other} ({spread})", grid, axes, _metric_text)
+            grid = cell_stats(rows, axes, key=other, cells=list(cells))
+            lines += table(f"{other} ({spread})", grid, text=_metric_text)
     lines += ["## Trials", ""]
     swept = [(k, SHORT_COLUMNS.get(k, k)) for k in axes]
     shown = ("trial_id", *(column for _, column in swept), "seed", "status", "epochs", "value")
@@ -306,10 +353,37 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _cell_table(title: str, cells: Mapping[CellKey, Cell], axes: Axes, text) -> list[str]:
-    """Two axes: rows x columns, like the paper's Table 4; otherwise one row per cell."""
+def _cell_table(
+    title: str,
+    cells: Mapping[CellKey, Cell],
+    *,
+    axes: Axes,
+    text,
+    reference: CellKey | None = None,
+    design: str = "product",
+) -> list[str]:
+    """Two axes of a product: rows x columns, like the paper's Table 4. One axis at a time:
+    one small table per axis, the others at the reference, like its Tables 4a-4d. Otherwise one
+    row per cell."""
     lines = [f"## {title}", ""]
     keys = list(axes)
+    if design == "one_at_a_time" and reference is not None:
+        at = {k: format_value(v) for k, v in zip(keys, reference, strict=True)}
+        lines.append(
+            "Each axis with the others at "
+            + ", ".join(f"{axis_label(k)} {v}" for k, v in at.items())
+            + " (the reference, marked *)."
+        )
+        lines.append("")
+        for i, key in enumerate(keys):
+            row = [c for c in cells if c == reference or off_reference_axis(c, reference) == i]
+            row.sort(key=lambda c: [hashable(v) for v in axes[key]].index(c[i]))
+            heads = [format_value(c[i]) + ("*" if c == reference else "") for c in row]
+            lines.append(f"| {axis_label(key)} | " + " | ".join(heads) + " |")
+            lines.append("|---|" + "---:|" * len(row))
+            lines.append("| | " + " | ".join(text(cells[c]) for c in row) + " |")
+            lines.append("")
+        return lines
     if len(keys) == 2:
         rows_key, cols_key = keys
         columns = [hashable(v) for v in axes[cols_key]]
@@ -402,9 +476,16 @@ def _metric_text(cell: Cell) -> str:
     return text
 
 
-def _write_plot(path: Path, cells: Mapping[CellKey, Cell], metric: str, axes: Axes) -> None:
+def _write_plot(
+    path: Path,
+    cells: Mapping[CellKey, Cell],
+    metric: str,
+    axes: Axes,
+    reference: CellKey | None = None,
+) -> None:
     """One panel per axis: the metric (mean, 95% interval over seeds) against the axis's
-    values, one line per combination of the other axes."""
+    values, one line per combination of the other axes (with ``reference``, one-at-a-time:
+    only the line through the reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,24 +497,32 @@ def _write_plot(path: Path, cells: Mapping[CellKey, Cell], metric: str, axes: Ax
     )
     for i, (axis, panel) in enumerate(zip(keys, panels[0], strict=True)):
         lines: dict[str, list[Cell]] = {}
-        for cell in cells.values():
+        for key, cell in cells.items():
+            off_line = reference is not None and key != reference
+            if off_line and off_reference_axis(key, reference) != i:
+                continue
             others = [(k, v) for k, v in cell.point if k != axis]
             label = ", ".join(f"{axis_label(k)} {format_value(v)}" for k, v in others)
             lines.setdefault(label or metric, []).append(cell)
-        _panel(panel, metric, axis, [format_value(v) for v in axes[axis]], "os^Dv"[i % 5], lines)
+        ticks = [hashable(v) for v in axes[axis]]
+        _panel(panel, metric, axis, ticks, "os^Dv"[i % 5], lines, i)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
 
 
-def _panel(axes, metric: str, axis: str, ticks: list[str], marker: str, lines) -> None:
-    """``metric`` against the values of ``axis``; error bars: the 95% interval over seeds."""
-    xs = list(range(len(ticks)))
+def _panel(axes, metric: str, axis: str, ticks: list, marker: str, lines, index: int) -> None:
+    """``metric`` against the values of ``axis`` (the cells' ``index``-th value); error bars:
+    the 95% interval over seeds."""
     for label, line in lines.items():
+        line = sorted(line, key=lambda c: ticks.index(hashable(c.point[index][1])))
+        xs = [ticks.index(hashable(c.point[index][1])) for c in line]
         half = [c.half_width if math.isfinite(c.half_width) else 0.0 for c in line]
         axes.errorbar(xs, [c.mean for c in line], yerr=half, marker=marker, capsize=3, label=label)
-    axes.set(xlabel=axis_label(axis), ylabel=metric, xticks=xs, xticklabels=ticks)
+    positions = list(range(len(ticks)))
+    labels = [format_value(v) for v in ticks]
+    axes.set(xlabel=axis_label(axis), ylabel=metric, xticks=positions, xticklabels=labels)
     axes.set_title(f"{metric} vs {axis_label(axis)} (95% intervals)")
     axes.grid(alpha=0.3)
     if len(lines) > 1:

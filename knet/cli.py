@@ -8,7 +8,6 @@ Subcommands arrive with the stages they run; today: ``knet config``, ``knet mode
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -262,14 +261,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from knet.ablation import format_value
-    from knet.tune import explicit_overrides_win, tune
+    from knet.tune import command_line_sweep, tune
 
-    # An explicit --set or --grid key wins over the same key in tune.overrides.
-    cfg, dropped = explicit_overrides_win(_config(args), [*args.overrides, *args.grid])
-    if dropped:
-        print(f"--set / --grid win over tune.overrides: not applying {', '.join(dropped)}")
-    if args.grid:
-        cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, grid=tuple(args.grid)))
+    cfg, notes = command_line_sweep(_config(args), args.overrides, args.grid)
+    for note in notes:
+        print(note)
     summary = tune(cfg, address=args.address)
     print(Path(summary["reports"]["md"]).read_text())
     print(f"sweep {summary['name']}: {len(summary['rows'])} trials in {summary['seconds']} s")
@@ -506,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser(
         "tune",
-        help="Ray Tune ablation of update rounds x kernels (restores a sweep of the same name)",
+        help="Ray Tune ablation of Table 4 (the params' sweep; restores a sweep of the same name)",
     )
     _add_params_args(tune)
     tune.add_argument(
@@ -518,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="KEY=V1,V2",
-        help="sweep these keys instead of rounds x kernels (tune.grid), e.g. --grid "
+        help="sweep every combination of these keys' values instead of the params' tune.grid "
+        "(--set tune.design=one_at_a_time to vary one key at a time), e.g. --grid "
         "model.num_stages=1,2,3 model.kernel_interaction=true,false",
     )
     tune.set_defaults(func=cmd_tune)
@@ -641,7 +638,9 @@ COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
         "knet train --set train.epochs=3 optim.lr_steps=[2] train.seed=1",
     ),
     ("tune",): (
-        "Run the ablation as one Ray Tune sweep (rounds x kernels, or any keys with --grid), "
+        "Run the ablation as one Ray Tune sweep (the params' tune.grid: rounds, kernels and the "
+        "kernel update, each varied around the default model over 3 seeds; any keys with "
+        "--grid), "
         "each trial the TorchTrainer of knet train; writes reports/ablation.{md,csv,png} with "
         "95% intervals and the paired comparison, and one MLflow parent run. Rerunning "
         "restores the sweep.",

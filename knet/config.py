@@ -301,6 +301,11 @@ class TuneConfig:
     # (values as YAML), e.g. ["model.num_stages=1,2,3", "model.kernel_interaction=true,false"];
     # the trials are their product x seeds. Empty = rounds x kernels from the two lists above.
     grid: tuple[str, ...] = ()
+    # Which cells of the grid run: "product", every combination of the values; or
+    # "one_at_a_time", the params' own values (the reference cell, which every key must list)
+    # and each key varied alone around them, as the paper's Tables 4a-4d each vary one
+    # component of the default model (5 + 3 + 2 cells instead of 5 x 3 x 2).
+    design: Literal["product", "one_at_a_time"] = "product"
     # Repeats of every cell, with seeds train.seed, train.seed + 1, ...; the table shows
     # mean +- std over them.
     seeds: int = 1

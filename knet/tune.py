@@ -158,6 +158,7 @@ def tune(
     ]
     reference = reference_cell(axes, base_values(cfg, axes))
     seconds = time.perf_counter() - started
+    design = "" if cfg.tune.design == "product" else " (one at a time around the params' values)"
     header = {
         "sweep": f"`{name}` ({'restored' if restored else 'new'}, {concurrency} trial(s) at once)",
         "metric": f"{metric} ({cfg.tune.mode}), scheduler {cfg.tune.scheduler}",
@@ -165,6 +166,7 @@ def tune(
         if restored
         else _time_split(rows, seconds, concurrency),
         "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
+        + design
         + f"; seeds {', '.join(str(p['seed']) for p in _seed_points(grid))}",
         "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
         "data": sweep["tags"].get("data_hash", "?"),
@@ -179,6 +181,7 @@ def tune(
         axes=axes,
         reference=reference,
         header=header,
+        design=cfg.tune.design,
     )
     best = _best(rows, cfg.tune.mode)
     failed = sum(r["status"] in ("error", "unfinished") for r in rows)
@@ -278,17 +281,33 @@ def _yaml_value(value: Any) -> str:
 
 def grid_points(cfg: Config) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Every (axis values..., seed) of the sweep, in table order; the point holds the dotted
-    keys and ``seed``."""
-    from knet.ablation import cells_of
-
+    keys and ``seed``. The cells are ``tune.design``'s: every combination of the axes, or the
+    reference cell and each axis varied alone around it."""
     axes = grid_axes(cfg)
     seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
     points = {}
-    for cell in cells_of(axes):
+    for cell in sweep_cells(cfg, axes):
         originals = dict(zip(axes, _originals(axes, cell), strict=True))
         for seed in seeds:
             points[(*cell, seed)] = {**originals, "seed": seed}
     return points
+
+
+def sweep_cells(cfg: Config, axes: dict[str, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The cells of ``tune.design``; one at a time needs the params' value in every axis."""
+    from knet.ablation import design_cells
+
+    base = base_values(cfg, axes)
+    if cfg.tune.design == "one_at_a_time":
+        for i, (key, values) in enumerate(axes.items()):
+            if hashable(base[key]) not in [hashable(v) for v in values]:
+                where = f"tune.grid[{i}]" if cfg.tune.grid else f"tune.{SHORT_KEYS[key]}"
+                raise ConfigError(
+                    f"{where}: tune.design one_at_a_time varies {key} around the params' own "
+                    f"value, {format_value(base[key])}, which the values "
+                    f"{', '.join(map(format_value, values))} do not list"
+                )
+    return design_cells(axes, cfg.tune.design, reference_cell(axes, base))
 
 
 def _originals(axes: dict[str, tuple[Any, ...]], cell: tuple[Any, ...]) -> list[Any]:
@@ -319,11 +338,20 @@ def base_values(cfg: Config, axes: dict[str, tuple[Any, ...]]) -> dict[str, Any]
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
+    """Tune's grid: one ``cell`` (its dotted keys and values) per cell of the design, x seeds."""
     from ray import tune as ray_tune
 
     seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
-    space = {key: ray_tune.grid_search(list(values)) for key, values in grid_axes(cfg).items()}
-    return {**space, "seed": ray_tune.grid_search(seeds)}
+    cells = {}
+    for point in grid_points(cfg).values():
+        cell = {k: v for k, v in point.items() if k != "seed"}
+        cells.setdefault(repr(cell), cell)
+    return {"cell": ray_tune.grid_search(list(cells.values())), "seed": ray_tune.grid_search(seeds)}
+
+
+def point_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's grid point from its Tune config: the cell's dotted keys and ``seed``."""
+    return {**config.get("cell", {}), "seed": config["seed"]}
 
 
 def _full_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -349,6 +377,48 @@ def explicit_overrides_win(cfg: Config, overrides: list[str]) -> tuple[Config, l
         return cfg, []
     tune_cfg = dataclasses.replace(cfg.tune, overrides=type(cfg.tune.overrides)(kept))
     return dataclasses.replace(cfg, tune=tune_cfg), dropped
+
+
+ROUNDS_BY_KERNELS = ("tune.num_stages", "tune.num_kernels")
+
+
+def command_line_sweep(
+    cfg: Config, sets: list[str], grid: list[str] | None = None
+) -> tuple[Config, list[str]]:
+    """The sweep a command line asks for: ``--set`` items (``sets``, already in ``cfg``) and
+    ``--grid`` items on top of the params. Returns the config and a line per thing of the
+    params it left out, for the command to print; nothing is left out silently.
+
+    - A key of ``sets`` or ``grid`` wins over the same key in ``tune.overrides``.
+    - ``grid`` replaces the params' ``tune.grid``, and ``tune.num_stages`` / ``tune.num_kernels``
+      in ``sets`` (without ``tune.grid``) sweep rounds x kernels instead of it.
+    - Either way the cells are the product of the values (a grid, as Ray's ``grid_search``)
+      unless ``sets`` choose ``tune.design``.
+    """
+    grid = list(grid or [])
+    cfg, dropped = explicit_overrides_win(cfg, [*sets, *grid])
+    notes = [f"--set / --grid win over tune.overrides: not applying {', '.join(dropped)}"]
+    notes = notes if dropped else []
+    keys = {item.partition("=")[0].strip() for item in sets}
+    shorthand = sorted(keys & set(ROUNDS_BY_KERNELS))
+    if grid:
+        new_grid = tuple(grid)
+    elif shorthand and "tune.grid" not in keys and cfg.tune.grid:
+        new_grid = ()
+        notes.append(
+            f"{' and '.join(shorthand)} given: sweeping rounds x kernels instead of the params' "
+            f"tune.grid ({'; '.join(cfg.tune.grid)})"
+        )
+    else:
+        return cfg, notes
+    design = cfg.tune.design if "tune.design" in keys else "product"
+    if design != cfg.tune.design:
+        notes.append(
+            f"a grid from the command line runs every combination (tune.design {design}, not "
+            f"the params' {cfg.tune.design}; --set tune.design={cfg.tune.design} to keep it)"
+        )
+    tune_cfg = dataclasses.replace(cfg.tune, grid=new_grid, design=design)
+    return dataclasses.replace(cfg, tune=tune_cfg), notes
 
 
 def trial_config(cfg: Config, point: dict[str, Any], sweep_dir: Path) -> Config:
@@ -410,7 +480,7 @@ def parameter_counts(cfg: Config, grid) -> dict[tuple[Any, ...], int]:
 
 
 def trial_name(trial) -> str:
-    return _point_name(trial.config)
+    return _point_name(point_of(trial.config))
 
 
 def _point_name(point: dict[str, Any]) -> str:
@@ -461,7 +531,7 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
     began = time.perf_counter()
     trial_id = ray_tune.get_context().get_trial_id()
     sweep_dir = Path(payload["sweep_dir"])
-    point = dict(config)
+    point = point_of(config)
     cfg = trial_config(config_from_dict(payload["config"]), point, sweep_dir)
     short = {"num_stages": cfg.model.num_stages, "num_kernels": cfg.model.num_kernels}
     names = {**point, **short}
@@ -514,7 +584,7 @@ def _row(
     epochs: int,
     early: str,
 ) -> dict:
-    config = result.config
+    config = point_of(result.config)
     cell = tuple(hashable(config[k]) for k in axes)
     trial_cfg = trial_cfgs[(*cell, config["seed"])]
     metrics = result.metrics or {}
@@ -671,6 +741,7 @@ __all__ = [
     "default_sweep_name",
     "grid_axes",
     "grid_points",
+    "command_line_sweep",
     "trial_config",
     "trial_driver",
     "tune",

@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from knet.tune import explicit_overrides_win
+from knet.tune import command_line_sweep
 from pipelines.guard import check_root, check_tracking_uri
 from pipelines.tasks import (
     check_services,
@@ -139,8 +139,9 @@ def ablate_knet(
 
     Args:
         num_stages, num_kernels, seeds: shorthands for tune.num_stages, tune.num_kernels,
-            tune.seeds (the grid).
-        grid: ``dotted.key=v1,v2`` items sweeping any keys instead (tune.grid, as --grid).
+            tune.seeds; the first two sweep rounds x kernels instead of the params' tune.grid.
+        grid: ``dotted.key=v1,v2`` items sweeping every combination of any keys instead
+            (tune.grid, as knet tune's --grid).
         register_best: register the best trial as a challenger (gated like any promotion).
         Other arguments as in :func:`train_knet`.
     """
@@ -155,11 +156,15 @@ def ablate_knet(
         items.append(f"tune.num_kernels={list(num_kernels)}")
     if seeds:
         items.append(f"tune.seeds={seeds}")
+    sets = list(items)
     if grid:
         items.append(f"tune.grid={json.dumps(list(grid))}")  # JSON is YAML; commas stay inside
     cfg, data = _prepare(params, items, root, address, clock)
-    # a caller's keys (overrides, grid) win over tune.overrides
-    cfg, _ = explicit_overrides_win(cfg, [*(overrides or []), *(grid or [])])
+    # as knet tune's --set / --grid: a caller's keys win over tune.overrides, and num_stages /
+    # num_kernels or a grid replace the params' tune.grid; the flow's log says what was left out
+    cfg, notes = command_line_sweep(cfg, sets, grid)
+    for note in notes:
+        print(note)
     with clock("tune"):
         sweep = tune_sweep(cfg, root, address)
     summary = {

@@ -51,7 +51,13 @@ def test_repro_runs_skips_and_reruns_on_param_change(tmp_path):
     # the ablation sweep (Ray Tune with ASHA on a 1 x 2 grid).
     params["train"].update(epochs=2, eval_every=2)
     params["tune"].update(
-        num_stages=[1], num_kernels=[4, 8], scheduler="asha", overrides=["train.epochs=2"]
+        grid=[],
+        design="product",
+        seeds=1,
+        num_stages=[1],
+        num_kernels=[4, 8],
+        scheduler="asha",
+        overrides=["train.epochs=2"],
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     full = run(["dvc", "repro"], repo)

@@ -86,6 +86,41 @@ def test_train_knet_flow_end_to_end(harness, tmp_path, monkeypatch):
     assert again["stage_s"]["prepare"] < summary["stage_s"]["prepare"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ablate_knet_flow_sweeps_rounds_by_kernels_and_registers_the_best(
+    harness, tmp_path, monkeypatch
+):
+    """The ablation flow end to end: its num_stages / num_kernels shorthands replace the params'
+    default grid (and say so), the sweep runs on Ray Tune, the best trial is registered."""
+    import mlflow
+
+    from pipelines.flows import ablate_knet
+
+    repo = make_repo(tmp_path)
+    monkeypatch.setenv("KNET_FLOW_ROOTS", str(repo))
+    summary = ablate_knet(
+        root=str(repo),
+        overrides=[*FLOW_OVERRIDES, "tune.overrides=[train.epochs=1]"],
+        num_stages=[1],
+        num_kernels=[4, 8],
+        seeds=1,
+    )
+    assert summary["failed_trials"] == 0
+    table = Path(summary["reports"]["md"]).read_text()
+    assert (
+        "| rounds \\ kernels | 4 | 8 |" in table
+    )  # the product, not the params' one-at-a-time grid
+    assert summary["best"]["num_stages"] == 1 and summary["best"]["num_kernels"] in (4, 8)
+    assert summary["version"] == 1 and summary["decision"] == "promoted"
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    children = mlflow.search_runs(
+        experiment_names=["knet"],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
+    )
+    assert len(children) == 2
+
+
 def test_a_bad_params_key_fails_fast_without_retries(harness, tmp_path, monkeypatch):
     from pipelines.flows import train_knet
 

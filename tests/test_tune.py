@@ -31,7 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     cfg = load_config(
         ROOT / "params.yaml",
-        ["tune.num_stages=[1,3,5]", "tune.num_kernels=[8,16]", "tune.seeds=2", "train.seed=7"],
+        [
+            "tune.grid=[]",
+            "tune.design=product",
+            "tune.num_stages=[1,3,5]",
+            "tune.num_kernels=[8,16]",
+            "tune.seeds=2",
+            "train.seed=7",
+        ],
     )
     points = grid_points(cfg)
     assert len(points) == 12
@@ -40,7 +47,7 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     trial = trial_config(cfg, {"num_stages": 5, "num_kernels": 8, "seed": 8}, Path("/sweep"))
     assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (5, 8, 8)
     assert trial.train.eval_every == 1  # schedulers compare trials at every report
-    assert trial.train.epochs == 5 and trial.optim.lr_steps == (4,)  # params.yaml's overrides
+    assert trial.train.epochs == 3 and trial.optim.lr_steps == (2,)  # params.yaml's overrides
     assert trial.train.cpus_per_worker == 1
     assert trial.train.storage_path == "/sweep/train"
     assert trial.model.channels == cfg.model.channels  # everything else as in the params
@@ -68,7 +75,8 @@ def test_a_grid_over_any_keys_sets_them_in_each_trial():
         "model.kernel_interaction=true,false",
         "data.min_size=[96],[112,144]",
     ]
-    cfg = load_config(ROOT / "params.yaml", ["tune.seeds=2", f"tune.grid={json.dumps(grid)}"])
+    sets = ["tune.seeds=2", f"tune.grid={json.dumps(grid)}", "tune.design=product"]
+    cfg = load_config(ROOT / "params.yaml", sets)
     axes = grid_axes(cfg)
     assert axes == {
         "model.num_stages": (1, 3),
@@ -88,13 +96,65 @@ def test_a_grid_over_any_keys_sets_them_in_each_trial():
     assert (trial.model.num_stages, trial.model.kernel_interaction) == (3, False)
     assert trial.data.min_size == (112, 144) and trial.train.seed == 1
     assert trial.model.num_kernels == cfg.model.num_kernels  # not swept: the params' value
-    assert trial.train.epochs == 5  # tune.overrides still apply
+    assert trial.train.epochs == 3  # tune.overrides still apply
     # the reference cell is the params' own values (after tune.overrides)
     assert base_values(cfg, axes) == {
         "model.num_stages": 3,
         "model.kernel_interaction": True,
         "data.min_size": list(cfg.data.min_size),
     }
+
+
+def test_one_at_a_time_varies_each_key_alone_around_the_params_values():
+    grid = [
+        "model.num_stages=1,2,3,4",
+        "model.num_kernels=4,8,16",
+        "model.kernel_updater=adaptive,none",
+    ]
+    sets = [f"tune.grid={json.dumps(grid)}", "tune.design=one_at_a_time", "tune.seeds=2"]
+    cfg = load_config(ROOT / "params.yaml", [*sets, "model.num_stages=3", "model.num_kernels=16"])
+    points = grid_points(cfg)
+    cells = list(dict.fromkeys(key[:-1] for key in points))
+    # the reference once, then each key's other values with the rest at the reference
+    assert cells == [
+        (1, 16, "adaptive"),
+        (2, 16, "adaptive"),
+        (3, 16, "adaptive"),
+        (4, 16, "adaptive"),
+        (3, 4, "adaptive"),
+        (3, 8, "adaptive"),
+        (3, 16, "none"),
+    ]
+    assert len(points) == 7 * 2  # instead of 4 x 3 x 2 cells
+    trial = trial_config(cfg, points[3, 4, "adaptive", 1], Path("/sweep"))
+    assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (3, 4, 1)
+    # the reference must be a value of every key, or there is nothing to vary around
+    off = load_config(ROOT / "params.yaml", [*sets, "model.num_kernels=32"])
+    with pytest.raises(ConfigError, match=r"tune\.grid\[1\]: .*model\.num_kernels.*32"):
+        grid_points(off)
+    with pytest.raises(ConfigError, match="tune.design"):
+        load_config(ROOT / "params.yaml", ["tune.design=latin"])
+
+
+def test_one_at_a_time_reports_one_table_per_key_and_compare_with_the_reference(tmp_path):
+    axes = {"model.num_stages": [1, 3, 4], "model.num_kernels": [8, 16]}
+    means = {(1, 16): 20.0, (3, 16): 50.0, (4, 16): 51.0, (3, 8): 45.0}
+    rows = [
+        _row(stages, kernels, seed, value + seed)
+        for (stages, kernels), value in means.items()
+        for seed in (0, 1, 2)
+    ]
+    paths = write_reports(
+        rows, tmp_path, metric="val_pq", axes=axes, reference=(3, 16), design="one_at_a_time"
+    )
+    text = paths["md"].read_text()
+    assert "| rounds | 1 | 3* | 4 |" in text  # kernels at the reference, 16
+    assert "| | 21.0 ± 1.0 | 51.0 ± 1.0 | 52.0 ± 1.0 |" in text
+    assert "| kernels | 8 | 16* |" in text
+    line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 16 |"))
+    assert "-30.0" in line and line.rstrip().endswith("| yes |")
+    assert "rounds 1, kernels 8" not in text  # no cell off the reference on two keys
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -122,13 +182,36 @@ def test_grid_errors_name_the_item_and_key(grid, message):
 
 
 def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
-    from knet.tune import explicit_overrides_win
+    from knet.tune import command_line_sweep
 
     grid = ["train.epochs=1,2"]
-    cfg = load_config(ROOT / "params.yaml", [f"tune.grid={json.dumps(grid)}"])
-    cfg, dropped = explicit_overrides_win(cfg, grid)
-    assert dropped == ["train.epochs=5"]
+    cfg, notes = command_line_sweep(load_config(ROOT / "params.yaml"), [], grid)
+    assert notes[0] == "--set / --grid win over tune.overrides: not applying train.epochs=3"
     assert grid_axes(cfg) == {"train.epochs": (1, 2)}
+    # a command-line grid is a grid: every combination, unless --set tune.design says otherwise
+    assert cfg.tune.design == "product" and "tune.design product" in notes[1]
+    kept, _ = command_line_sweep(
+        load_config(ROOT / "params.yaml", ["tune.design=one_at_a_time"]),
+        ["tune.design=one_at_a_time"],
+        ["model.num_stages=1,3", "model.num_kernels=8,16"],
+    )
+    assert kept.tune.design == "one_at_a_time" and len(grid_points(kept)) == 3 * 3
+
+
+def test_rounds_and_kernels_on_the_command_line_replace_the_params_grid_and_say_so():
+    from knet.tune import command_line_sweep
+
+    sets = ["tune.num_stages=[1,2]", "tune.seeds=1"]
+    params = load_config(ROOT / "params.yaml", sets)
+    assert params.tune.grid  # the params' default sweep is a grid over three keys
+    cfg, notes = command_line_sweep(params, sets)
+    assert cfg.tune.grid == () and cfg.tune.design == "product"
+    assert grid_axes(cfg) == {"model.num_stages": (1, 2), "model.num_kernels": (8, 16)}
+    assert notes[0].startswith("tune.num_stages given: sweeping rounds x kernels instead of")
+    assert "model.kernel_updater=adaptive,none" in notes[0]
+    # nothing to say when the command line leaves the sweep as the params have it
+    same, none = command_line_sweep(params, ["tune.seeds=1"])
+    assert none == [] and same.tune == params.tune
 
 
 def test_grid_items_must_be_key_equals_values():
@@ -303,6 +386,9 @@ def sweep_config(data: Path, tmp: Path, *extra: str):
         data,
         tmp,
         "train.cpus_per_worker=0.5",
+        "tune.grid=[]",
+        "tune.design=product",
+        "tune.seeds=1",
         "tune.num_stages=[1,2]",
         "tune.num_kernels=[4,8]",
         "tune.overrides=[train.epochs=1]",
@@ -434,7 +520,7 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     cfg = load_config(ROOT / "params.yaml", overrides)
     assert any(o.startswith("train.epochs=") for o in cfg.tune.overrides)
     cfg, dropped = explicit_overrides_win(cfg, overrides)
-    assert dropped == ["train.epochs=5", "optim.lr_steps=[4]"]
+    assert dropped == ["train.epochs=3", "optim.lr_steps=[2]"]
     assert cfg.tune.overrides == ("train.cpus_per_worker=1",)
     trial = trial_config(cfg, {"model.num_stages": 1, "model.num_kernels": 8, "seed": 0}, tmp_path)
     assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
