@@ -35,10 +35,10 @@ import torch
 
 from knet.config import load_config
 from knet.data.dataset import build_dataset, build_loader, collate
-from knet.engine import train_one_epoch
-from knet.evaluate import accumulate_metrics, summarize
+from knet.engine import EpochSettings, train_one_epoch
 from knet.losses import KNetCriterion
 from knet.matcher import HungarianMatcher
+from knet.metrics import accumulate_metrics, summarize
 from knet.model import build_model
 from knet.optim import build_optimizer, build_scheduler
 
@@ -149,17 +149,8 @@ def study(seed: int, epochs: int, overrides: list[str], every: int, log: Path) -
             if step and step % every == 0:
                 record(base + step, epoch)
 
-        train_one_epoch(
-            model,
-            criterion,
-            loader,
-            optimizer,
-            scheduler,
-            cfg.optim,
-            torch.device("cpu"),
-            amp=False,
-            on_step=on_step,
-        )
+        settings = EpochSettings(cfg.optim, torch.device("cpu"), amp=False, on_step=on_step)
+        train_one_epoch(model, criterion, loader, optimizer, scheduler, settings)
         metrics = accumulate_metrics(model, val_set, cfg.model.task, cats, cfg, torch.device("cpu"))
         val = summarize({name: m.compute() for name, m in metrics.items()})
         record((epoch + 1) * len(loader), epoch + 1, {f"val_{k}": v for k, v in val.items()})

@@ -85,7 +85,7 @@ class Cell:
     images_per_s: float | None
     failed: int
     stopped: int = 0
-    # One seed: the 95% bootstrap interval over validation images of its value (panoptic PQ
+    # One seed: the 95% bootstrap interval over validation images of its value (PQ and mIoU
     # metrics), else None.
     bootstrap: tuple[float, float] | None = None
 
@@ -412,7 +412,7 @@ def _comparison(cells: Mapping[CellKey, Cell], reference: CellKey, metric: str) 
         "",
         "Intervals are Student-t over seeds; a difference is significant when its paired "
         f"interval excludes 0 (two-sided p < {1 - CONFIDENCE:.2f}). A cell of one seed shows "
-        "the bootstrap interval over validation images instead (marked b; panoptic PQ metrics): "
+        "the bootstrap interval over validation images instead (marked b; PQ and mIoU metrics): "
         "it covers the choice of images, not of the seed, so it is narrower than a seed interval.",
         "",
         "| cell | seeds | mean ± std | 95% interval | Δ vs reference | 95% interval of Δ | p "

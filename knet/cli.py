@@ -239,7 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from knet.train import train
+    from knet.training import train
 
     summary = train(_config(args), run_name=args.run_name, address=args.address)
     final = summary.get("final", {})
@@ -377,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_inspect_commands(commands)
+    _add_data_commands(commands)
+    _add_training_commands(commands)
+    _add_registry_commands(commands)
+    _add_model_use_commands(commands)
+    _describe(parser)
+    return parser
+
+
+def _add_inspect_commands(commands) -> None:
+    """``knet config show``, ``knet model summary``."""
     config = commands.add_parser("config", help="inspect the configuration")
     config_cmds = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = config_cmds.add_parser("show", help="validate params and print the resolved config")
@@ -400,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.set_defaults(func=cmd_model_summary)
 
+
+def _add_data_commands(commands) -> None:
+    """``knet data synth|nuclei|validate|prepare``."""
     data = commands.add_parser("data", help="synthesise, validate and prepare datasets")
     data_cmds = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     synth = data_cmds.add_parser("synth", help="write the synthetic panoptic dataset")
@@ -459,36 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_data_prepare)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="PQ / mask AP / mIoU on a prepared split, with prediction files"
-    )
-    _add_params_args(evaluate)
-    evaluate.add_argument("--checkpoint", help="a knet checkpoint (default: evaluate.checkpoint)")
-    _add_model_args(evaluate)
-    evaluate.add_argument(
-        "--split", help="prepared split (default: evaluate.split or data.val_split)"
-    )
-    evaluate.add_argument("--out", help="prediction files folder (default: evaluate.out)")
-    evaluate.add_argument(
-        "--metrics",
-        help="metrics JSON; the per-class CSV goes beside it (default: evaluate.metrics)",
-    )
-    evaluate.add_argument(
-        "--kernel-maps",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="write the mean kernel activations and per-stage masks "
-        "(default: evaluate.kernel_maps)",
-    )
-    evaluate.add_argument(
-        "--max-images", type=_positive_int, help="evaluate only the first N images (N >= 1)"
-    )
-    evaluate.add_argument(
-        "--device", default="cpu", type=_device, help="cpu, cuda or cuda:N (default: %(default)s)"
-    )
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
-    evaluate.set_defaults(func=cmd_evaluate)
 
+def _add_training_commands(commands) -> None:
+    """``knet train``, ``knet tune``."""
     train = commands.add_parser("train", help="train on Ray Train (resumes a run of the same name)")
     _add_params_args(train)
     train.add_argument(
@@ -520,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.set_defaults(func=cmd_tune)
 
+
+def _add_registry_commands(commands) -> None:
+    """``knet promote``, ``knet lineage``."""
     promote = commands.add_parser(
         "promote",
         help="register a model, alias it challenger, move champion if it is better",
@@ -538,6 +528,56 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri)")
     lin.set_defaults(func=cmd_lineage)
 
+
+def _add_model_use_commands(commands) -> None:
+    """``knet evaluate``, ``knet predict``, ``knet export``."""
+    _add_evaluate_command(commands)
+    _add_predict_command(commands)
+    export = commands.add_parser("export", help="the model as a torch.export program (.pt2)")
+    export.add_argument(
+        "--checkpoint",
+        default="outputs/train/model.pt",
+        help="a knet checkpoint (default: %(default)s)",
+    )
+    export.add_argument(
+        "--out", default="outputs/export/knet.pt2", help="the .pt2 file (default: %(default)s)"
+    )
+    export.set_defaults(func=cmd_export)
+
+
+def _add_evaluate_command(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="PQ / mask AP / mIoU on a prepared split, with prediction files"
+    )
+    _add_params_args(evaluate)
+    evaluate.add_argument("--checkpoint", help="a knet checkpoint (default: evaluate.checkpoint)")
+    _add_model_args(evaluate)
+    evaluate.add_argument(
+        "--split", help="prepared split (default: evaluate.split or data.val_split)"
+    )
+    evaluate.add_argument("--out", help="prediction files folder (default: evaluate.out)")
+    evaluate.add_argument(
+        "--metrics",
+        help="metrics JSON; the per-class CSV goes beside it (default: evaluate.metrics)",
+    )
+    evaluate.add_argument(
+        "--kernel-maps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the mean kernel activations and per-stage masks "
+        "(default: evaluate.kernel_maps)",
+    )
+    evaluate.add_argument(
+        "--max-images", type=_positive_int, help="evaluate only the first N images (N >= 1)"
+    )
+    evaluate.add_argument(
+        "--device", default="cpu", type=_device, help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
+def _add_predict_command(commands) -> None:
     predict = commands.add_parser("predict", help="overlay pictures and segment JSON")
     predict.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER")
     predict.add_argument(
@@ -577,19 +617,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
-
-    export = commands.add_parser("export", help="the model as a torch.export program (.pt2)")
-    export.add_argument(
-        "--checkpoint",
-        default="outputs/train/model.pt",
-        help="a knet checkpoint (default: %(default)s)",
-    )
-    export.add_argument(
-        "--out", default="outputs/export/knet.pt2", help="the .pt2 file (default: %(default)s)"
-    )
-    export.set_defaults(func=cmd_export)
-    _describe(parser)
-    return parser
 
 
 # Each command's --help: a paragraph on what it does, and an example (command path -> text).

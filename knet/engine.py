@@ -119,28 +119,37 @@ class LaggedCount:
         return self.total
 
 
-def train_one_epoch(
+@dataclass(frozen=True)
+class EpochSettings:
+    """How an epoch trains: fixed for a run, except ``on_step`` (a per-step callback, the
+    tests' fault hook)."""
+
+    optim: OptimConfig
+    device: torch.device
+    amp: bool = True
+    progress: bool = False
+    # Past this many NaN/inf steps (over the run) the epoch stops; None: never.
+    max_bad_steps: int | None = None
+    channels_last: bool = False  # convert the images to channels-last memory
+    on_step: Callable[[int], None] | None = None  # called with the step index before each step
+
+
+def train_one_epoch(  # 65 lines: the step loop and its lagged NaN count (one sync)
     model: nn.Module,
     criterion: KNetCriterion,
     loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    optim_cfg: OptimConfig,
-    device: torch.device,
-    amp: bool = True,
-    progress: bool = False,
-    max_bad_steps: int | None = None,
+    settings: EpochSettings,
     bad_steps: int = 0,
-    on_step: Callable[[int], None] | None = None,
-    channels_last: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``: mean loss terms, images, images/s and ``bad_steps``.
 
     ``bad_steps`` counts NaN/inf steps so far (over the run), read without stalling the GPU
-    (:class:`LaggedCount`, so on CUDA a step or two late); past ``max_bad_steps`` the epoch
-    stops with :class:`NonFiniteLossError`. Skipped steps are left out of the mean losses.
-    ``on_step(step)`` is called before each step; ``channels_last`` converts the images.
+    (:class:`LaggedCount`, so on CUDA a step or two late); past ``settings.max_bad_steps`` the
+    epoch stops with :class:`NonFiniteLossError`. Skipped steps are left out of the mean losses.
     """
+    device, max_bad_steps, on_step = settings.device, settings.max_bad_steps, settings.on_step
     model.train()
     names: list[str] = []
     totals = torch.zeros(0, device=device)  # the loss terms' sums over the kept steps
@@ -157,12 +166,19 @@ def train_one_epoch(
             )
 
     for step, batch in enumerate(
-        tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False, mininterval=2.0)
+        tqdm(
+            loader,
+            desc="train",
+            unit="batch",
+            disable=not settings.progress,
+            leave=False,
+            mininterval=2.0,
+        )
     ):
         if on_step is not None:
             on_step(step)
-        batch = batch.to(device, non_blocking=True, channels_last=channels_last)
-        losses = train_step(model, criterion, batch, optimizer, optim_cfg, amp)
+        batch = batch.to(device, non_blocking=True, channels_last=settings.channels_last)
+        losses = train_step(model, criterion, batch, optimizer, settings.optim, settings.amp)
         skipped = losses.pop("skipped")
         names = list(losses)
         terms = torch.where(skipped == 0, torch.stack(list(losses.values())), 0.0)
@@ -233,7 +249,7 @@ def predict_batch(
     return outputs, per_image, {"forward_s": forward - start, "postprocess_s": done - forward}
 
 
-def run_inference(
+def run_inference(  # 12 parameters: evaluate's and predict's options passed through
     model: nn.Module,
     loader: Iterable[Batch],
     tasks: Iterable[str],

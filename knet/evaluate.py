@@ -32,10 +32,9 @@ from PIL import Image
 from knet.checkpoint import load_model
 from knet.config import Config, absolute_paths, load_config
 from knet.data.categories import Categories
-from knet.data.dataset import Batch, PreparedDataset, build_dataset, build_loader
-from knet.engine import channels_last_on, run_inference
+from knet.data.dataset import Batch, PreparedDataset, build_dataset
 from knet.io import atomic_directory, check_output_dir, write_json_atomic
-from knet.metrics import MaskAP, PanopticQuality, SemanticIoU, semantic_from_panoptic
+from knet.metrics import accumulate_metrics, as_percent, summarize
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult
 from knet.tracking import Tracker, run_exists
@@ -43,17 +42,12 @@ from knet.visualize import kernel_activation_grid, stage_masks_figure
 
 log = logging.getLogger(__name__)
 
-TASKS_OF_MODEL = {
-    "panoptic": ("panoptic", "instance"),
-    "instance": ("instance",),
-    "semantic": ("semantic",),
-}
 KERNEL_GRID = 32  # common size of the kernel activation maps
 STAGE_FIGURES = 3  # images with a per-stage mask figure
 STAGE_KERNELS = 8  # kernels shown per figure
 
 
-def evaluate_checkpoint(
+def evaluate_checkpoint(  # 13 parameters: one per `knet evaluate` option (the API mirrors it)
     checkpoint: str | Path | None = None,
     params: str | Path | None = "params.yaml",
     overrides: tuple[str, ...] | list[str] = (),
@@ -163,7 +157,7 @@ def per_class_path(metrics_file: str | Path) -> Path:
     return path.with_name(path.stem + "_per_class.csv")
 
 
-def evaluate_model(
+def evaluate_model(  # 10 parameters: the options of evaluate_checkpoint for a loaded model
     model: KNet,
     task: str,
     categories: Categories,
@@ -194,8 +188,8 @@ def evaluate_model(
             cfg,
             device,
             progress=progress,
-            writer=writer,
-            kernel_view=kernel_view,
+            on_panoptic=writer.add if writer else None,
+            on_outputs=kernel_view.add if kernel_view else None,
             timings=timings,
         )
         if writer is not None:
@@ -226,63 +220,6 @@ def evaluate_model(
     return flat
 
 
-def accumulate_metrics(
-    model: KNet,
-    dataset: PreparedDataset,
-    task: str,
-    categories: Categories,
-    cfg: Config,
-    device: torch.device,
-    indices: list[int] | None = None,
-    progress: bool = False,
-    writer: _PanopticWriter | None = None,
-    kernel_view: _KernelView | None = None,
-    timings: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Run the model over ``dataset`` (or the ``indices`` shard of it) and fill the metrics.
-
-    Data-parallel workers each pass their own disjoint shard and gather the metrics' state
-    dicts afterwards (``knet.metrics.gather``), so no image is counted twice.
-    """
-    loader = build_loader(
-        dataset,
-        cfg.train.batch_size,
-        train=False,
-        num_workers=cfg.data.num_workers,
-        sampler=indices,
-        pin_memory=device.type == "cuda",
-    )
-    tasks = TASKS_OF_MODEL[task]
-    metrics = _metrics_for(tasks, categories)
-    predictions = run_inference(
-        model,
-        loader,
-        tasks,
-        categories.num_things,
-        categories.num_stuff if task == "panoptic" else 0,
-        cfg.model.postprocess,
-        device,
-        amp=cfg.train.amp,
-        progress=progress,
-        on_outputs=kernel_view.add if kernel_view else None,
-        timings=timings,
-        channels_last=channels_last_on(device, cfg.train.channels_last),
-    )
-    for pred in predictions:
-        gt = dataset.ground_truth(pred.index)
-        for name, result in pred.results.items():
-            if name == "panoptic":
-                metrics["pq"].update(gt, result)
-                metrics["miou"].update(gt.semantic_map(), semantic_from_panoptic(result))
-                if writer is not None:
-                    writer.add(pred.image_id, result)
-            elif name == "instance":
-                metrics["ap"].update(gt, result)
-            else:
-                metrics["miou"].update(gt.semantic_map(), result.cpu().numpy())
-    return metrics
-
-
 def _check_categories(categories: Categories, dataset: PreparedDataset) -> None:
     theirs = dataset.categories
     if categories.ids != theirs.ids or categories.is_thing != theirs.is_thing:
@@ -292,42 +229,6 @@ def _check_categories(categories: Categories, dataset: PreparedDataset) -> None:
             f"{len(dataset.categories)} ({dataset.categories.num_things} things, "
             f"{dataset.categories.num_stuff} stuff) with different ids"
         )
-
-
-def _metrics_for(tasks: tuple[str, ...], categories: Categories) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if "panoptic" in tasks:
-        metrics["pq"] = PanopticQuality(categories)
-    if "instance" in tasks:
-        metrics["ap"] = MaskAP(categories)
-    if "panoptic" in tasks or "semantic" in tasks:
-        metrics["miou"] = SemanticIoU(len(categories), categories.names)
-    return metrics
-
-
-def _percent(value: float) -> float:
-    return round(100.0 * value, 3) if not math.isnan(value) else value
-
-
-def summarize(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The headline numbers, in percent like the paper's tables."""
-    flat: dict[str, float] = {}
-    if "pq" in computed:
-        pq = computed["pq"]
-        flat.update(
-            pq=_percent(pq["all"]["pq"]),
-            pq_th=_percent(pq["things"]["pq"]),
-            pq_st=_percent(pq["stuff"]["pq"]),
-            sq=_percent(pq["all"]["sq"]),
-            rq=_percent(pq["all"]["rq"]),
-        )
-        # The 95% bootstrap interval over the evaluated images (one model, one seed).
-        flat.update({k: _percent(v) for k, v in pq.get("bootstrap", {}).items()})
-    if "ap" in computed:
-        flat.update({k: _percent(computed["ap"][k]) for k in MaskAP.STATS})
-    if "miou" in computed:
-        flat.update(miou=_percent(computed["miou"]["miou"]), acc=_percent(computed["miou"]["acc"]))
-    return flat
 
 
 def _write_per_class(path: Path, categories: Categories, computed: dict[str, Any]) -> None:
@@ -358,17 +259,17 @@ def _write_per_class(path: Path, categories: Categories, computed: dict[str, Any
         if "pq" in computed:
             c = computed["pq"]["per_class"][t]
             row.update(
-                pq=_percent(c["pq"]),
-                sq=_percent(c["sq"]),
-                rq=_percent(c["rq"]),
+                pq=as_percent(c["pq"]),
+                sq=as_percent(c["sq"]),
+                rq=as_percent(c["rq"]),
                 tp=c["tp"],
                 fp=c["fp"],
                 fn=c["fn"],
             )
         if "ap" in computed and t in computed["ap"]["per_class"]:
-            row["ap"] = _percent(computed["ap"]["per_class"][t]["ap"])
+            row["ap"] = as_percent(computed["ap"]["per_class"][t]["ap"])
         if "miou" in computed:
-            row["iou"] = _percent(computed["miou"]["per_class"][t]["iou"])
+            row["iou"] = as_percent(computed["miou"]["per_class"][t]["iou"])
         writer.writerow(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -243,7 +243,7 @@ class KNetCriterion:
             rank = _rank_targets(masks.shape, batch_idx, kernel_idx, pos_targets)
             losses["s0.rank"] = cfg.rank_weight * rank_loss(masks, rank)
 
-    def _stage_losses(
+    def _stage_losses(  # 9 parameters: one round's outputs and targets, as official
         self,
         losses: dict[str, Tensor],
         name: str,

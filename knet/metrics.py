@@ -25,18 +25,23 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from knet.config import Config
 from knet.data.categories import Categories
+from knet.data.dataset import Batch, PreparedDataset, build_loader
 from knet.data.groundtruth import GroundTruth, semantic_from_segments
 from knet.data.groundtruth import check_size as _check_size
 from knet.data.groundtruth import paint_segments as _paint
 from knet.data.groundtruth import to_numpy as _to_numpy
+from knet.engine import channels_last_on, run_inference
+from knet.model import KNet, KNetOutput
 from knet.postprocess import InstanceResult, PanopticResult
 from knet.structures import IGNORE_LABEL
 
@@ -107,6 +112,7 @@ class PanopticQuality:
     # ---- accumulation ----------------------------------------------------------------------
 
     def update(self, gt: GroundTruth, pred: PanopticResult) -> None:
+        # 73 lines: PQ's matching of one image, step by step as panopticapi's
         """Add one image: its ground truth and the panoptic prediction at the same size."""
         k = len(self.categories)
         pred_map = _to_numpy(pred.segment_map).astype(np.int64)
@@ -320,6 +326,9 @@ class SemanticIoU:
         if len(self.names) != self.num_classes:
             raise ValueError(f"{len(self.names)} names for {num_classes} classes")
         self.confusion = np.zeros((self.num_classes, self.num_classes + 1), dtype=np.int64)
+        # Per image (3, K): true positives, GT pixels, predicted pixels of each class, for the
+        # bootstrap over images.
+        self.per_image: list[np.ndarray] = []
 
     def update(self, gt_semantic: np.ndarray | Tensor, pred: np.ndarray | Tensor) -> None:
         """Add one image. ``pred`` values are 0..K-1, or 255 / -1 for no prediction."""
@@ -338,13 +347,18 @@ class SemanticIoU:
         pr = np.where((pr == IGNORE_LABEL) | (pr == -1), k, pr)
         if pr.size and (pr.min() < 0 or pr.max() > k):
             raise ValueError(f"predicted class out of range 0..{k - 1} (and 255 / -1)")
-        self.confusion += np.bincount(gt * (k + 1) + pr, minlength=k * (k + 1)).reshape(k, k + 1)
+        image = np.bincount(gt * (k + 1) + pr, minlength=k * (k + 1)).reshape(k, k + 1)
+        self.confusion += image
+        self.per_image.append(
+            np.stack([np.diag(image[:, :k]), image.sum(axis=1), image[:, :k].sum(axis=0)])
+        )
 
     def merge(self, other: SemanticIoU) -> SemanticIoU:
         """Add ``other``'s confusion matrix (in place); returns self."""
         if other.num_classes != self.num_classes:
             raise ValueError("cannot merge semantic metrics with different class counts")
         self.confusion += other.confusion
+        self.per_image.extend(other.per_image)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -353,6 +367,7 @@ class SemanticIoU:
             "num_classes": self.num_classes,
             "names": list(self.names),
             "confusion": self.confusion.tolist(),
+            "per_image": [image.tolist() for image in self.per_image],
         }
 
     @classmethod
@@ -362,10 +377,40 @@ class SemanticIoU:
         metric.confusion = np.asarray(state["confusion"], dtype=np.int64).reshape(
             metric.num_classes, metric.num_classes + 1
         )
+        metric.per_image = [np.asarray(i, dtype=np.int64) for i in state.get("per_image", [])]
         return metric
 
+    def bootstrap(
+        self, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    ) -> dict[str, float]:
+        """Percentile bootstrap over images of mIoU and pixel accuracy, as
+        :meth:`PanopticQuality.bootstrap`: ``{"miou_low", "miou_high", "acc_low", "acc_high"}``
+        (fractions; NaN without images)."""
+        ends = ("low", "high")
+        if not self.per_image:
+            return {f"{n}_{end}": math.nan for n in ("miou", "acc") for end in ends}
+        stats = np.stack(self.per_image).astype(np.float64)  # (n, 3, K)
+        flat = stats.reshape(len(stats), -1)
+        stats = stats[np.lexsort(flat.T[::-1])]  # canonical order: merged shards agree
+        n = len(stats)
+        counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+        totals = np.einsum("rn,nfk->rfk", counts.astype(np.float64), stats)  # (R, 3, K)
+        tp, gt, predicted = totals[:, 0], totals[:, 1], totals[:, 2]
+        union = gt + predicted - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            miou = np.nanmean(np.where(union > 0, tp / union, np.nan), axis=1)
+            acc = tp.sum(axis=1) / gt.sum(axis=1)
+        tail = (1 - confidence) / 2 * 100
+        out = {}
+        for name, values in (("miou", miou), ("acc", acc)):
+            values = values[np.isfinite(values)]
+            low, high = np.percentile(values, [tail, 100 - tail]) if values.size else (np.nan,) * 2
+            out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+        return out
+
     def compute(self) -> dict[str, Any]:
-        """``{"miou", "acc", "per_class": {t: {iou, acc, name}}}``; NaN where undefined."""
+        """``{"miou", "acc", "bootstrap": {miou_low, ...}, "per_class": {t: {iou, acc, name}}}``;
+        NaN where undefined."""
         k = self.num_classes
         cm = self.confusion.astype(np.float64)
         tp = np.diag(cm[:, :k])
@@ -380,6 +425,7 @@ class SemanticIoU:
         return {
             "miou": float(iou[defined].mean()) if defined.any() else math.nan,
             "acc": float(tp.sum() / total) if total else math.nan,
+            "bootstrap": self.bootstrap(),
             "per_class": {
                 t: {"iou": float(iou[t]), "acc": float(recall[t]), "name": self.names[t]}
                 for t in range(k)
@@ -599,14 +645,128 @@ def gather(states: Iterable[dict[str, Any]]) -> Metric:
     return merged
 
 
+# ------------------------------------------------------- a model's metrics over a split
+
+
+# What each model task answers (a panoptic model's thing kernels are also instance results).
+TASKS_OF_MODEL = {
+    "panoptic": ("panoptic", "instance"),
+    "instance": ("instance",),
+    "semantic": ("semantic",),
+}
+
+
+def accumulate_metrics(  # 11 parameters: one pass serves validation, evaluate and benchmarks
+    model: KNet,
+    dataset: PreparedDataset,
+    task: str,
+    categories: Categories,
+    cfg: Config,
+    device: torch.device,
+    indices: list[int] | None = None,
+    progress: bool = False,
+    on_panoptic: Callable[[int, PanopticResult], None] | None = None,
+    on_outputs: Callable[[Batch, KNetOutput], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Run the model over ``dataset`` (or the ``indices`` shard of it) and fill the metrics.
+
+    Data-parallel workers each pass their own disjoint shard and gather the metrics' state
+    dicts afterwards (:func:`gather`), so no image is counted twice. ``on_panoptic(image_id,
+    result)`` sees every panoptic result (knet evaluate's prediction files), ``on_outputs(batch,
+    outputs)`` every batch's raw outputs (its kernel maps).
+    """
+    loader = build_loader(
+        dataset,
+        cfg.train.batch_size,
+        train=False,
+        num_workers=cfg.data.num_workers,
+        sampler=indices,
+        pin_memory=device.type == "cuda",
+    )
+    tasks = TASKS_OF_MODEL[task]
+    metrics = _metrics_for(tasks, categories)
+    predictions = run_inference(
+        model,
+        loader,
+        tasks,
+        categories.num_things,
+        categories.num_stuff if task == "panoptic" else 0,
+        cfg.model.postprocess,
+        device,
+        amp=cfg.train.amp,
+        progress=progress,
+        on_outputs=on_outputs,
+        timings=timings,
+        channels_last=channels_last_on(device, cfg.train.channels_last),
+    )
+    for pred in predictions:
+        gt = dataset.ground_truth(pred.index)
+        for name, result in pred.results.items():
+            if name == "panoptic":
+                metrics["pq"].update(gt, result)
+                metrics["miou"].update(gt.semantic_map(), semantic_from_panoptic(result))
+                if on_panoptic is not None:
+                    on_panoptic(pred.image_id, result)
+            elif name == "instance":
+                metrics["ap"].update(gt, result)
+            else:
+                metrics["miou"].update(gt.semantic_map(), result.cpu().numpy())
+    return metrics
+
+
+def _metrics_for(tasks: tuple[str, ...], categories: Categories) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if "panoptic" in tasks:
+        metrics["pq"] = PanopticQuality(categories)
+    if "instance" in tasks:
+        metrics["ap"] = MaskAP(categories)
+    if "panoptic" in tasks or "semantic" in tasks:
+        metrics["miou"] = SemanticIoU(len(categories), categories.names)
+    return metrics
+
+
+def as_percent(value: float) -> float:
+    """A fraction as the paper's percent, rounded; NaN stays NaN."""
+    return round(100.0 * value, 3) if not math.isnan(value) else value
+
+
+def summarize(computed: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The headline numbers, in percent like the paper's tables."""
+    flat: dict[str, float] = {}
+    if "pq" in computed:
+        pq = computed["pq"]
+        flat.update(
+            pq=as_percent(pq["all"]["pq"]),
+            pq_th=as_percent(pq["things"]["pq"]),
+            pq_st=as_percent(pq["stuff"]["pq"]),
+            sq=as_percent(pq["all"]["sq"]),
+            rq=as_percent(pq["all"]["rq"]),
+        )
+        # The 95% bootstrap interval over the evaluated images (one model, one seed).
+        flat.update({k: as_percent(v) for k, v in pq.get("bootstrap", {}).items()})
+    if "ap" in computed:
+        flat.update({k: as_percent(computed["ap"][k]) for k in MaskAP.STATS})
+    if "miou" in computed:
+        flat.update(
+            miou=as_percent(computed["miou"]["miou"]), acc=as_percent(computed["miou"]["acc"])
+        )
+        flat.update({k: as_percent(v) for k, v in computed["miou"].get("bootstrap", {}).items()})
+    return flat
+
+
 __all__ = [
+    "TASKS_OF_MODEL",
     "GroundTruth",
     "MaskAP",
     "Metric",
     "PanopticQuality",
     "SemanticIoU",
+    "accumulate_metrics",
+    "as_percent",
     "from_state_dict",
     "gather",
     "semantic_from_panoptic",
     "semantic_from_segments",
+    "summarize",
 ]

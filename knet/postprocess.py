@@ -132,7 +132,7 @@ def instance_postprocess(
     return InstanceResult(binary, labels, top_scores)
 
 
-def panoptic_postprocess(
+def panoptic_postprocess(  # 8 parameters: the official merge's logits, class split and sizes
     cls_logits: Tensor,
     mask_logits: Tensor,
     num_thing_classes: int,

@@ -84,7 +84,7 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def predict_checkpoint(
+def predict_checkpoint(  # 9 parameters: one per `knet predict` option (the API mirrors it)
     inputs: Iterable[str | Path],
     checkpoint: str | Path | None,
     out: str | Path,
@@ -124,7 +124,7 @@ def predict_checkpoint(
     )
 
 
-def predict_images(
+def predict_images(  # 8 parameters: a loaded model with its config, and predict's options
     inputs: Iterable[str | Path],
     model: KNet,
     model_task: str,

@@ -180,7 +180,7 @@ def gate_metric(cfg: Config, task: str) -> str:
     return cfg.registry.metric or HEADLINE[task]
 
 
-def promote(
+def promote(  # 65 lines: register, evaluate, gate, write; each failure handled where it happens
     cfg: Config,
     root: str | Path = ".",
     run_id: str | None = None,
@@ -274,6 +274,7 @@ def _source(mlflow, client, cfg: Config, run_id, checkpoint, loaded=None):
 
 
 def _register(mlflow, client, cfg, root, name, payload, source, run_id) -> str:
+    # 8 parameters: MLflow's module and client, the version's source and lineage
     """Log the pyfunc model (into the training run when known) as a new version of ``name``."""
     from knet.tracking import experiment_id, lineage_tags
 
@@ -376,6 +377,7 @@ def _gate_lock(tracking_uri: str) -> Iterator[None]:
 
 
 def _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow) -> dict:
+    # 9 parameters: the gate's inputs and the client that rechecks the alias
     """Move ``champion`` to ``version`` if it beats the champion; recheck around the move."""
     score = scores[version][metric]
     before, reason = None, ""

@@ -1,12 +1,13 @@
-"""``knet tune``: the paper's Table 4 as one Ray Tune sweep (update rounds x kernels by
-default, Table 4c/4d; any config keys with ``tune.grid`` / ``--grid``, e.g. the component
-switches of Table 4a/4b).
+"""``knet tune``: the paper's Table 4 as one Ray Tune sweep over any config keys
+(``tune.grid`` / ``--grid``; the params' default varies the update rounds, the kernel count and
+the kernel update one at a time, Tables 4a, 4c, 4d; rounds x kernels without a grid).
 
 :func:`tune` (checks, Ray, the sweep's parent MLflow run, restore or start) -> a Ray Tune
 ``Tuner`` over :func:`trial_driver` (one trial per grid point: the Tune-over-Train V2 pattern,
-building **the TorchTrainer of** ``knet train`` through :func:`knet.train.build_trainer`, with a
-``TuneReportCallback``) -> :func:`knet.train.train_loop_per_worker` -> :mod:`knet.ablation`
-(``reports/ablation.{csv,md,png}``, logged to the parent run).
+building **the TorchTrainer of** ``knet train`` through
+:func:`knet.training.build_trainer`, with a ``TuneReportCallback``) ->
+:func:`knet.training.train_loop_per_worker` -> :mod:`knet.ablation` (``reports/ablation.{csv,
+md,png}``, logged to the parent run).
 
 The sweep's name is derived from the params and from knet's source, so rerunning the same
 command after a crash restores the sweep (``Tuner.restore``): finished trials are not rerun,
@@ -17,6 +18,7 @@ Train run is named after the Tune trial id).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,12 +35,13 @@ from knet.ablation import format_value, hashable, reference_cell, write_reports
 from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
 from knet.data.categories import Categories
 from knet.io import write_json_atomic
-from knet.train import (
+from knet.training import (
     TrainSetupError,
     build_trainer,
     check_inputs,
     check_placement,
     connect,
+    faults,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ def tune(
     cfg: Config,
     root: str | Path = ".",
     address: str | None = None,
-    test_hooks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or restore) the ablation sweep of ``cfg.tune``; write and log its reports.
 
@@ -62,10 +64,6 @@ def tune(
         root: project root; relative paths in ``cfg`` are taken from here.
         address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one
             with the dashboard on 127.0.0.1:8265.
-        test_hooks: test-only fault injection per grid point:
-            ``{"trials": [{"match": {"num_stages": 1}, "hooks": {...}}]}`` (match on grid keys,
-            ``num_stages``, ``num_kernels`` or ``seed``), where the hooks are
-            those of :func:`knet.train.train` plus ``{"fail": {"epoch": 0, "while": path}}``.
 
     Returns:
         name, path, rows (one per trial), reports, best trial, parent MLflow run id, failed
@@ -74,129 +72,173 @@ def tune(
     # Concurrent trials print look-alike epoch lines, which Ray's log deduplication would merge
     # (read when ray is first imported).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from ray import tune as ray_tune
-
-    root = Path(root).resolve()
     started = time.perf_counter()
+    sweep = _plan(cfg, Path(root).resolve(), address)
+    try:
+        results, restored = _fit(sweep)
+    except BaseException:
+        if sweep.parent:
+            sweep.parent.end("FAILED")
+        raise
+    rows = [_row(result, sweep) for result in results]
+    return _report(sweep, rows, restored, time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class _Sweep:
+    """What a sweep runs, computed once: its config, grid, trials' configs, Ray and MLflow."""
+
+    cfg: Config  # paths absolute
+    name: str
+    metric: str
+    axes: dict[str, tuple[Any, ...]]
+    grid: dict[tuple[Any, ...], dict[str, Any]]  # (cell..., seed) -> point
+    trial_cfgs: dict[tuple[Any, ...], Config]
+    folder: Path
+    state: dict[str, Any]  # SWEEP_FILE: digest, params, lineage tags, parent run id
+    concurrency: int
+    parent: Any  # the parent MLflow run's tracker, or None
+
+    @property
+    def epochs(self) -> int:
+        return next(iter(self.trial_cfgs.values())).train.epochs
+
+    @property
+    def early(self) -> str:
+        """The status of a trial that ran fewer epochs: ASHA stopped it, or it was cut off."""
+        return "stopped" if self.cfg.tune.scheduler == "asha" else "unfinished"
+
+    @functools.cached_property
+    def parameters(self) -> dict[tuple[Any, ...], int]:
+        return parameter_counts(self.cfg, self.grid)
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        """Each point by its trial name (a trial that never ran has only its folder's name)."""
+        return {_point_name(point): point for point in self.grid.values()}
+
+
+def _plan(cfg: Config, root: Path, address: str | None) -> _Sweep:
+    """Check everything before any work, start Ray and the parent run, record the sweep."""
     params_hash = cfg.digest()
     digest = sweep_digest(cfg)  # of the params as written, before paths are made absolute
     name = cfg.tune.name or default_sweep_name(cfg, digest)
     cfg = absolute_paths(cfg, root)
-    metric = metric_name(cfg)
     if cfg.train.num_workers < 1:
         raise TrainSetupError("knet tune needs Ray Train workers: set train.num_workers >= 1")
-    axes = grid_axes(cfg)
     grid = grid_points(cfg)
     trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
     check_inputs(cfg)
-    sweep_dir = Path(cfg.tune.storage_path) / name
-    sweep = _sweep_state(sweep_dir, name, digest, cfg, root)
+    folder = Path(cfg.tune.storage_path) / name
+    state = _sweep_state(folder, name, digest, cfg, root)
     connect(address, dashboard=True)
     first = next(iter(trial_cfgs.values()))  # the resources of every trial are the same
     check_placement(first)
     concurrency = concurrent_trials(first, cfg.tune.max_concurrent_trials)
-    parent = _start_parent_run(cfg, name, sweep, root, params_hash)
-    sweep["parent_run_id"] = parent.run_id if parent else None
-    write_json_atomic(sweep_dir / SWEEP_FILE, sweep, indent=2)
-    _print_start(name, sweep_dir, len(grid), concurrency, metric)
+    parent = _start_parent_run(cfg, name, state, root, params_hash)
+    state["parent_run_id"] = parent.run_id if parent else None
+    write_json_atomic(folder / SWEEP_FILE, state, indent=2)
+    metric = metric_name(cfg)
+    _print_start(name, folder, len(grid), concurrency, metric)
     if parent:
         from knet.tracking import run_address
 
         info = parent.run.info
         log.info("  MLflow: %s", run_address(cfg.tracking.uri, info.run_id, info.experiment_id))
+    axes = grid_axes(cfg)
+    return _Sweep(cfg, name, metric, axes, grid, trial_cfgs, folder, state, concurrency, parent)
 
+
+def _fit(sweep: _Sweep):
+    """Ray Tune's results of every trial, and whether an earlier run of the sweep was restored."""
+    from ray import tune as ray_tune
+
+    cfg = sweep.cfg
     payload = {
         "config": cfg.to_dict(),
-        "sweep_dir": str(sweep_dir),
+        "sweep_dir": str(sweep.folder),
         "tags": {
-            **sweep["tags"],
-            "knet.sweep": name,
-            **({"mlflow.parentRunId": parent.run_id} if parent else {}),
+            **sweep.state["tags"],
+            "knet.sweep": sweep.name,
+            **({"mlflow.parentRunId": sweep.parent.run_id} if sweep.parent else {}),
         },
-        "test_hooks": (test_hooks or {}).get("trials", []),
+        # tests only (knet.training.faults): per grid point, {} in every normal run
+        "faults": faults.from_environment().get("trials", []),
+        "source": source_digest(),
     }
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(trial_driver, payload=payload), DRIVER_RESOURCES
     )
-    restored = ray_tune.Tuner.can_restore(str(sweep_dir))
-    try:
-        if restored:
-            log.info("restoring sweep %s: finished trials are kept, the rest run", name)
-            tuner = ray_tune.Tuner.restore(
-                str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = ray_tune.Tuner(
-                trainable,
-                param_space=param_space(cfg),
-                tune_config=ray_tune.TuneConfig(
-                    metric=metric,
-                    mode=cfg.tune.mode,
-                    scheduler=_scheduler(cfg),
-                    max_concurrent_trials=concurrency,
-                    trial_name_creator=trial_name,
-                    trial_dirname_creator=trial_dirname,
-                ),
-                run_config=ray_tune.RunConfig(
-                    name=name,
-                    storage_path=cfg.tune.storage_path,
-                    failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                    verbose=1,
-                ),
-            )
-        results = tuner.fit()
-    except BaseException:
-        if parent:
-            parent.end("FAILED")
-        raise
-    params = parameter_counts(cfg, grid)
-    epochs = first.train.epochs
-    early = "stopped" if cfg.tune.scheduler == "asha" else "unfinished"
-    rows = [
-        _row(result, sweep_dir, metric, axes, trial_cfgs, params, epochs, early)
-        for result in results
-    ]
-    reference = reference_cell(axes, base_values(cfg, axes))
-    seconds = time.perf_counter() - started
+    if ray_tune.Tuner.can_restore(str(sweep.folder)):
+        log.info("restoring sweep %s: finished trials are kept, the rest run", sweep.name)
+        tuner = ray_tune.Tuner.restore(
+            str(sweep.folder), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+        return tuner.fit(), True
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=ray_tune.TuneConfig(
+            metric=sweep.metric,
+            mode=cfg.tune.mode,
+            scheduler=_scheduler(cfg),
+            max_concurrent_trials=sweep.concurrency,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray_tune.RunConfig(
+            name=sweep.name,
+            storage_path=cfg.tune.storage_path,
+            failure_config=ray_tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            verbose=1,
+        ),
+    )
+    return tuner.fit(), False
+
+
+def _report(sweep: _Sweep, rows: list[dict], restored: bool, seconds: float) -> dict[str, Any]:
+    """Write the reports, log them to the parent run, and return the sweep's summary."""
+    cfg, axes, tags = sweep.cfg, sweep.axes, sweep.state["tags"]
     design = "" if cfg.tune.design == "product" else " (one at a time around the params' values)"
+    parent_id = sweep.parent.run_id if sweep.parent else None
     header = {
-        "sweep": f"`{name}` ({'restored' if restored else 'new'}, {concurrency} trial(s) at once)",
-        "metric": f"{metric} ({cfg.tune.mode}), scheduler {cfg.tune.scheduler}",
+        "sweep": f"`{sweep.name}` ({'restored' if restored else 'new'}, "
+        f"{sweep.concurrency} trial(s) at once)",
+        "metric": f"{sweep.metric} ({cfg.tune.mode}), scheduler {cfg.tune.scheduler}",
         "time": f"{seconds:.0f} s wall in this invocation (trial times below include earlier ones)"
         if restored
-        else _time_split(rows, seconds, concurrency),
+        else _time_split(rows, seconds, sweep.concurrency),
         "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
         + design
-        + f"; seeds {', '.join(str(p['seed']) for p in _seed_points(grid))}",
+        + f"; seeds {', '.join(str(p['seed']) for p in _seed_points(sweep.grid))}",
         "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
-        "data": sweep["tags"].get("data_hash", "?"),
-        "commit": f"{sweep['tags'].get('git_commit', '?')} "
-        f"(dirty: {sweep['tags'].get('git_dirty', '?')})",
-        "MLflow parent run": parent.run_id if parent else "tracking disabled",
+        "data": tags.get("data_hash", "?"),
+        "commit": f"{tags.get('git_commit', '?')} (dirty: {tags.get('git_dirty', '?')})",
+        "MLflow parent run": parent_id or "tracking disabled",
     }
     reports = write_reports(
         rows,
         cfg.tune.report_dir,
-        metric=metric,
+        metric=sweep.metric,
         axes=axes,
-        reference=reference,
+        reference=reference_cell(axes, base_values(cfg, axes)),
         header=header,
         design=cfg.tune.design,
     )
     best = _best(rows, cfg.tune.mode)
     failed = sum(r["status"] in ("error", "unfinished") for r in rows)
-    if parent:
-        _finish_parent(parent, rows, reports, best, metric, seconds, failed)
+    if sweep.parent:
+        _finish_parent(sweep.parent, rows, reports, best, sweep.metric, seconds, failed)
     return {
-        "name": name,
-        "path": str(sweep_dir),
+        "name": sweep.name,
+        "path": str(sweep.folder),
         "axes": list(axes),
         "rows": rows,
         "reports": {k: str(v) for k, v in reports.items()},
         "best": best,
-        "metric": metric,
+        "metric": sweep.metric,
         "failed": failed,
-        "parent_run_id": parent.run_id if parent else None,
+        "parent_run_id": parent_id,
         "restored": restored,
         "seconds": round(seconds, 1),
     }
@@ -525,17 +567,23 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
     Builds the TorchTrainer of ``knet train`` with a ``TuneReportCallback`` (every epoch's
     rank-0 metrics and checkpoint path reach Tune), runs it, and writes the trial's timings.
     """
+    began = time.perf_counter()
+    if source_digest() != payload["source"]:
+        # A trial that starts later imports knet afresh: had the code under the sweep been
+        # edited, its cells would silently mix two versions of the code.
+        raise RuntimeError(
+            "knet's source changed since this sweep started; its trials would mix two versions "
+            "of the code. Rerun the same command: a changed source starts a new sweep"
+        )
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    began = time.perf_counter()
     trial_id = ray_tune.get_context().get_trial_id()
     sweep_dir = Path(payload["sweep_dir"])
     point = point_of(config)
     cfg = trial_config(config_from_dict(payload["config"]), point, sweep_dir)
     short = {"num_stages": cfg.model.num_stages, "num_kernels": cfg.model.num_kernels}
     names = {**point, **short}
-    hooks = next((h["hooks"] for h in payload["test_hooks"] if _matches(h["match"], names)), {})
     loop_config = {
         "config": cfg.to_dict(),
         "run_name": _point_name(point),
@@ -545,7 +593,7 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
         "extra_params": {**{k: str(v) for k, v in short.items()}, "seed": str(point["seed"])},
         "kernel_maps": False,
         "label": _point_name(point),
-        "test_hooks": hooks,
+        "faults": faults.for_trial(payload["faults"], names),
     }
     trainer = build_trainer(loop_config, cfg, f"trial-{trial_id}", [TuneReportCallback()])
     fit_began = time.perf_counter()
@@ -567,26 +615,18 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
     write_json_atomic(sweep_dir / TRIALS_DIR / f"{trial_id}.json", record, indent=2)
 
 
-def _matches(match: dict[str, Any], point: dict[str, Any]) -> bool:
-    return all(point.get(k) == v for k, v in match.items())
-
-
 # ------------------------------------------------------------------------ results
 
 
-def _row(
-    result,
-    sweep_dir: Path,
-    metric: str,
-    axes: dict[str, tuple[Any, ...]],
-    trial_cfgs: dict[tuple[Any, ...], Config],
-    params: dict[tuple[Any, ...], int],
-    epochs: int,
-    early: str,
-) -> dict:
-    config = point_of(result.config)
+def _row(result, sweep: _Sweep) -> dict:
+    """One trial's row of the reports: its point, status, metrics, timings and run ids."""
+    if result.config:
+        config = point_of(result.config)
+    else:  # the trial never ran: its folder is <trial id>-<point name> (trial_dirname)
+        config = sweep.by_name[Path(result.path).name.partition("-")[2]]
+    axes, metric, sweep_dir = sweep.axes, sweep.metric, sweep.folder
     cell = tuple(hashable(config[k]) for k in axes)
-    trial_cfg = trial_cfgs[(*cell, config["seed"])]
+    trial_cfg = sweep.trial_cfgs[(*cell, config["seed"])]
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.split("-")[0]
     record_path = sweep_dir / TRIALS_DIR / f"{trial_id}.json"
@@ -601,8 +641,8 @@ def _row(
     status = "finished"
     if result.error is not None:
         status = "error"
-    elif (metrics.get("epoch") or 0) < epochs:
-        status = early  # "stopped" by ASHA, or "unfinished" (an interrupted sweep)
+    elif (metrics.get("epoch") or 0) < sweep.epochs:
+        status = sweep.early
     row = {
         "trial_id": trial_id,
         "status": status,
@@ -613,10 +653,10 @@ def _row(
         "epochs": metrics.get("epoch"),
         "metric": metric,
         "value": float(value) if isinstance(value, int | float) else math.nan,
-        # the value's 95% bootstrap interval over validation images (panoptic PQ metrics)
+        # the value's 95% bootstrap interval over validation images (PQ and mIoU metrics)
         "value_low": metrics.get(f"{metric}_low", math.nan),
         "value_high": metrics.get(f"{metric}_high", math.nan),
-        "params": params.get(cell),
+        "params": sweep.parameters.get(cell),
         "images_per_s": statistics.fmean(speeds) if speeds else math.nan,
         "trial_s": timings.get("driver_s", math.nan),
         "mlflow_run_id": record.get("mlflow_run_id"),

@@ -56,7 +56,7 @@ def _overrides(
 
 
 @flow(name="train-knet", log_prints=True)
-def train_knet(
+def train_knet(  # 9 parameters: the deployment's parameters (prefect deployment run --param)
     params: str = "params.yaml",
     overrides: list[str] | None = None,
     epochs: int | None = None,
@@ -123,7 +123,7 @@ def tune_sweep(cfg, root: str, address: str | None) -> dict[str, Any]:
 
 
 @flow(name="ablate-knet", log_prints=True)
-def ablate_knet(
+def ablate_knet(  # 10 parameters: the deployment's parameters (prefect deployment run --param)
     params: str = "params.yaml",
     overrides: list[str] | None = None,
     num_stages: list[int] | None = None,

@@ -18,7 +18,7 @@ from prefect import task
 
 from knet.config import Config, load_config
 from knet.tracking import TrackingUnreachableError
-from knet.train import ServiceUnreachableError
+from knet.training import ServiceUnreachableError
 
 TRANSIENT = (ServiceUnreachableError, TrackingUnreachableError, ConnectionError, TimeoutError)
 BACKOFF_S = [2, 10, 30]
@@ -55,7 +55,7 @@ def check_services(cfg: Config, root: str, address: str | None) -> None:
     """The tracking store and the Ray head answer (retried while they start)."""
     from knet.config import resolve_uri
     from knet.tracking import check_tracking_uri
-    from knet.train import check_reachable
+    from knet.training import check_reachable
 
     if cfg.tracking.enabled:
         check_tracking_uri(resolve_uri(cfg.tracking.uri, Path(root).resolve()))
@@ -104,7 +104,7 @@ def prepare_data(root: str) -> str:
 
 @_retrying(name="train", timeout_seconds=6 * 3600)
 def train_model(cfg: Config, root: str, address: str | None) -> dict[str, Any]:
-    from knet.train import train
+    from knet.training import train
 
     return train(cfg, root=root, address=address)
 

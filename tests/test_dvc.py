@@ -78,7 +78,7 @@ def test_repro_runs_skips_and_reruns_on_param_change(tmp_path):
 STAGE_ENTRY = {
     "synth": "knet.data.synth",
     "prepare": "knet.data.prepare",
-    "train": "knet.train",
+    "train": "knet.training",
     "evaluate": "knet.evaluate",
     "ablate": "knet.tune",
 }

@@ -20,7 +20,7 @@ from knet.config import load_config
 from knet.data.dataset import build_dataset, build_loader
 from knet.data.prepare import prepare
 from knet.data.synth import generate
-from knet.engine import train_one_epoch
+from knet.engine import EpochSettings, train_one_epoch
 from knet.evaluate import evaluate_checkpoint
 from knet.losses import KNetCriterion
 from knet.model import build_model
@@ -63,9 +63,8 @@ def trained(tmp_path_factory):
     optimizer = build_optimizer(model, cfg.optim)
     loader = build_loader(dataset, batch_size=4, train=True, num_workers=0)
     for _ in range(3):
-        stats = train_one_epoch(
-            model, criterion, loader, optimizer, None, cfg.optim, torch.device("cpu")
-        )
+        settings = EpochSettings(cfg.optim, torch.device("cpu"))
+        stats = train_one_epoch(model, criterion, loader, optimizer, None, settings)
     assert np.isfinite(stats["loss"])
     checkpoint = tmp / "model.pt"
     save_checkpoint(checkpoint, model, cfg, cats, epoch=3)

@@ -30,8 +30,10 @@ import torch
 import yaml
 from PIL import Image
 
+from knet.checkpoint import load_checkpoint
 from knet.cli import main
 from knet.io import MARKER
+from knet.training import faults
 from tests.test_no_data_loss import snapshot
 from tests.test_train import make_data, run_config, untrained_checkpoint
 
@@ -1191,3 +1193,30 @@ def test_a_tracking_store_that_does_not_exist_is_not_created(capsys, world, case
 def test_a_tracking_uri_of_an_unknown_scheme(capsys, world, case):
     argv = ["lineage", f"models:/{MODEL_NAME}@champion", "--tracking-uri", "banana://x"]
     refused(capsys, [case, world["tmp"]], argv, 1, ["'banana://x'", "unsupported URI"])
+
+
+# --------------------------------------------------------------------------------------------
+# A run that goes wrong while it trains
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_nan_loss_ends_knet_train_with_one_line_and_keeps_the_last_good_checkpoint(
+    capsys, world, case, monkeypatch
+):
+    """Losses that turn NaN (injected through the documented test hook, as a diverging run
+    would) stop ``knet train`` after train.max_bad_steps with one line, exit 1, no traceback;
+    the last good epoch's checkpoint is published."""
+    monkeypatch.setenv(faults.ENV_VAR, json.dumps({"nan_from_epoch": 1}))
+    out = case / "out" / "model.pt"
+    argv = ["train", "--params", world["params"], "--set", "train.num_workers=0"]
+    argv += ["train.epochs=3", "train.max_bad_steps=1", "train.eval_every=10"]
+    argv += [f"train.output={out}", f"train.metrics={case / 'metrics' / 'train.json'}"]
+    before = snapshot(world["tmp"])
+    code, err, stdout = knet(capsys, argv)
+    assert code == 1, (err, stdout)
+    assert "Traceback" not in err + stdout
+    errors = [line for line in err.splitlines() if line.startswith("knet: error:")]
+    assert len(errors) == 1 and "NaN/inf loss" in errors[0], err
+    assert "train.max_bad_steps=1" in errors[0]
+    assert load_checkpoint(out)["epoch"] == 1  # the last good one, where DVC expects it
+    assert snapshot(world["tmp"]) == before  # the shared project is untouched

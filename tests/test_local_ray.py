@@ -38,7 +38,7 @@ def _loopback(address: str) -> bool:
 def test_the_local_instance_listens_only_on_loopback():
     import ray
 
-    from knet.train import connect
+    from knet.training import connect
 
     if ray.is_initialized():
         ray.shutdown()

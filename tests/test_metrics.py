@@ -389,6 +389,48 @@ def test_semantic_iou_merge():
     assert math.isnan(empty["miou"]) and math.isnan(empty["acc"])
 
 
+def test_semantic_iou_bootstrap_over_images():
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(12):  # 12 small images of 3 classes, predictions right at varying rates
+        gt = rng.integers(0, 3, size=(4, 6))
+        wrong = rng.random((4, 6)) < rng.uniform(0.05, 0.6)
+        images.append((gt, np.where(wrong, rng.integers(0, 3, size=(4, 6)), gt)))
+
+    def miou_of(pairs):
+        metric = SemanticIoU(3)
+        for gt, pred in pairs:
+            metric.update(gt, pred)
+        return metric
+
+    metric = miou_of(images)
+    result = metric.compute()
+    per_image = np.stack(metric.per_image)  # (n, 3, K): tp, GT pixels, predicted pixels
+    assert np.array_equal(per_image[:, 0].sum(0), np.diag(metric.confusion[:, :3]))
+    assert np.array_equal(per_image[:, 1].sum(0), metric.confusion.sum(1))
+    boot = result["bootstrap"]
+    assert boot["miou_low"] < result["miou"] < boot["miou_high"]
+    assert boot["acc_low"] < result["acc"] < boot["acc_high"]
+    # the same whichever order the images (or merged shards) came in
+    assert miou_of(images[::-1]).bootstrap() == boot
+    halves = gather([miou_of(images[6:]).state_dict(), miou_of(images[:6]).state_dict()])
+    assert halves.bootstrap() == boot
+    # a brute-force bootstrap with the same draws gives the same interval
+    n = len(images)
+    order = np.lexsort(per_image.reshape(n, -1).T[::-1])
+    draws = np.random.default_rng(0).multinomial(n, np.full(n, 1.0 / n), size=1000)
+    means = [
+        miou_of([images[i] for i, c in zip(order, d, strict=True) for _ in range(c)]).compute()[
+            "miou"
+        ]
+        for d in draws
+    ]
+    assert (boot["miou_low"], boot["miou_high"]) == pytest.approx(
+        tuple(np.percentile(means, [2.5, 97.5]))
+    )
+    assert math.isnan(SemanticIoU(2).bootstrap()["miou_low"])
+
+
 def test_semantic_helpers():
     # GT: person [0, 3), person crowd [3, 5), sky [5, 8), VOID [8, 10).
     gt = gt_1d(1, 10, (0, 3, PERSON, 0), (3, 5, PERSON, 1), (5, 8, SKY, 0))

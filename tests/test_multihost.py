@@ -153,7 +153,7 @@ def test_ray_job_submit_runs_knet_train(two_hosts, data, tmp_path, form):
                 shutil.copy(ROOT / name, copy / name)
         # The Train worker's loop announces itself (its lines carry "RayTrainWorker"; an
         # import-time print runs in the worker setup hook, before the actor has its name).
-        with (copy / "knet" / "train.py").open("a") as module:
+        with (copy / "knet" / "training" / "loop.py").open("a") as module:
             module.write(
                 f"\nprint({marker!r}, flush=True)\n"
                 "_shipped_loop = train_loop_per_worker\n\n"

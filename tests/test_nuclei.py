@@ -94,7 +94,7 @@ def test_knet_learns_the_nuclei_from_scratch(nuclei_data, tmp_path):
     Measured 2026-12-03 at this schedule: AP 14.4, AP50 30.9 (random init gives 0); the floor
     sits far under that and far above what a model that finds no nuclei gets.
     """
-    from knet.train import train
+    from knet.training import train
 
     cfg = preset(
         nuclei_data,

@@ -17,7 +17,7 @@ import pytest
 from knet.config import load_config
 from knet.data.prepare import prepare
 from knet.data.synth import generate
-from knet.train import train
+from knet.training import train
 from tests.test_train import make_data, run_config
 
 ROOT = Path(__file__).resolve().parents[1]

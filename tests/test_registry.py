@@ -23,7 +23,7 @@ from knet.data.dataset import build_dataset, load_rgb
 from knet.model import build_model
 from knet.predict import predict_image, segments_of
 from knet.registry import RegistryError, lineage, load_model_files, load_registered, promote
-from knet.train import train
+from knet.training import train
 from tests.conftest import free_port, venv_env
 from tests.test_train import make_data, run_config
 

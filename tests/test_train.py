@@ -12,7 +12,7 @@ from knet.config import load_config
 from knet.data.prepare import prepare
 from knet.data.synth import generate
 from knet.engine import NonFiniteLossError
-from knet.train import TrainSetupError, train
+from knet.training import TrainSetupError, faults, train
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,9 @@ def test_unwritable_tracking_uri_fails_before_any_work(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_losses_are_skipped_then_stop_with_the_last_good_checkpoint(data, tmp_path):
+def test_nan_losses_are_skipped_then_stop_with_the_last_good_checkpoint(
+    data, tmp_path, monkeypatch
+):
     cfg = run_config(
         data,
         tmp_path,
@@ -103,8 +105,9 @@ def test_nan_losses_are_skipped_then_stop_with_the_last_good_checkpoint(data, tm
         "train.eval_every=10",
         "tracking.enabled=false",
     )
+    monkeypatch.setenv(faults.ENV_VAR, json.dumps({"nan_from_epoch": 1}))
     with pytest.raises(NonFiniteLossError, match="train.max_bad_steps=2"):
-        train(cfg, root=tmp_path, test_hooks={"nan_from_epoch": 1})
+        train(cfg, root=tmp_path)
     kept = load_checkpoint(tmp_path / "out" / "model.pt")
     assert kept["epoch"] == 1  # the last good one
     assert kept["history"][-1]["bad_steps"] == 0
@@ -170,7 +173,9 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(data, tmp_path, local_ray):
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(
+    data, tmp_path, local_ray, monkeypatch
+):
     cfg = run_config(
         data,
         tmp_path,
@@ -182,12 +187,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(data, tmp_path, loc
         "tracking.enabled=false",
     )
     marker = tmp_path / "killed"
-    summary = train(
-        cfg,
-        root=tmp_path,
-        run_name="kill-test",
-        test_hooks={"kill": {"rank": 1, "epoch": 1, "step": 1, "marker": str(marker)}},
-    )
+    kill = {"rank": 1, "epoch": 1, "step": 1, "marker": str(marker)}
+    monkeypatch.setenv(faults.ENV_VAR, json.dumps({"kill": kill}))
+    summary = train(cfg, root=tmp_path, run_name="kill-test")
     assert marker.exists()  # the worker really died once
     history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept, epoch 2 redone once
@@ -227,7 +229,7 @@ def test_every_task_trains_through_the_same_command_and_its_metric_rises(
 
 
 def test_elastic_group_and_bounded_placement_reach_ray_train(tmp_path):
-    from knet.train import build_trainer
+    from knet.training import build_trainer
 
     fixed = run_config(tmp_path, tmp_path, "train.num_workers=2", "train.placement_retries=1")
     trainer = build_trainer({}, fixed, "fixed")
@@ -257,7 +259,7 @@ def test_a_resumed_schedule_follows_the_new_group_size():
     import torch
 
     from knet.optim import build_scheduler
-    from knet.train import resume_schedule
+    from knet.training import resume_schedule
 
     cfg = load_config(None, ["optim.lr_steps=[3]", "optim.warmup_iters=0"]).optim
     param = torch.nn.Parameter(torch.zeros(1))

@@ -12,6 +12,7 @@ import pytest
 
 from knet.ablation import cell_stats, compare, write_reports
 from knet.config import ConfigError, load_config
+from knet.training import faults
 from knet.tune import (
     base_values,
     default_sweep_name,
@@ -219,6 +220,17 @@ def test_grid_items_must_be_key_equals_values():
         load_config(ROOT / "params.yaml", ['tune.grid=["model.num_stages"]'])
 
 
+def test_a_trial_refuses_to_run_code_other_than_its_sweeps():
+    """A trial imports knet afresh when it starts: after an edit of the checkout mid-sweep it
+    would train other code than the trials before it, so it fails instead of mixing."""
+    from knet.tune import source_digest, trial_driver
+
+    payload = {"source": "0" * 12, "config": {}, "sweep_dir": "/nowhere", "faults": []}
+    assert source_digest() != payload["source"]
+    with pytest.raises(RuntimeError, match="knet's source changed since this sweep started"):
+        trial_driver({"cell": {}, "seed": 0}, payload)
+
+
 def test_sweep_name_follows_params():
     base = load_config(ROOT / "params.yaml")
     same = load_config(ROOT / "params.yaml")
@@ -401,7 +413,7 @@ def sweep_config(data: Path, tmp: Path, *extra: str):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
-    data, tmp_path, ray_with_dashboard
+    data, tmp_path, ray_with_dashboard, monkeypatch
 ):
     import mlflow
 
@@ -411,18 +423,19 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
         "trials": [
             {  # a worker process dies once: Ray Train restarts the group (train.max_failures)
                 "match": {"num_stages": 1, "num_kernels": 4},
-                "hooks": {
+                "faults": {
                     "kill": {"rank": 0, "epoch": 0, "step": 1, "marker": str(tmp_path / "k")}
                 },
             },
             {  # raises every time: the trial errors, the others carry on
                 "match": {"num_stages": 2, "num_kernels": 8},
-                "hooks": {"fail": {"epoch": 0, "while": str(failing)}},
+                "faults": {"fail": {"epoch": 0, "while": str(failing)}},
             },
         ]
     }
     cfg = sweep_config(data, tmp_path, "train.max_failures=1", "tune.max_failures=0")
-    first = tune(cfg, root=tmp_path, test_hooks=hooks)
+    monkeypatch.setenv(faults.ENV_VAR, json.dumps(hooks))
+    first = tune(cfg, root=tmp_path)
 
     assert (tmp_path / "k").exists()  # the kill happened
     rows = {(r["num_stages"], r["num_kernels"]): r for r in first["rows"]}
@@ -481,7 +494,7 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
     before = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert len(before) == 3
     failing.unlink()
-    second = tune(cfg, root=tmp_path, test_hooks=hooks)
+    second = tune(cfg, root=tmp_path)
     assert second["restored"] and second["failed"] == 0 and second["name"] == first["name"]
     after = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert len(after) == 4
@@ -499,7 +512,7 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
 
 
 def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
-    from knet.train import TrainSetupError
+    from knet.training import TrainSetupError
     from knet.tune import _sweep_state, source_digest, sweep_digest
 
     cfg = sweep_config(data, tmp_path, "tune.name=mine", "tracking.enabled=false")

@@ -334,6 +334,7 @@ def _row_span(mask: np.ndarray) -> tuple[int, int]:
 
 
 def _render_sample(seed_seq: np.random.SeedSequence, cfg: SynthConfig) -> _Sample:
+    # 64 lines: one picture's drawing steps, in the order they draw the seed's random numbers
     """Draw one image with its labels from its own seed sequence."""
     rng = np.random.default_rng(seed_seq)
     size = cfg.image_size
@@ -552,7 +553,7 @@ def _run_batches(
             future.cancel()
 
 
-def _generate_split(
+def _generate_split(  # 9 parameters: generate()'s state for one split, passed once
     tmp_root: Path,
     cfg: SynthConfig,
     data_cfg: DataConfig,
@@ -621,7 +622,7 @@ def _auto_workers(cfg: SynthConfig) -> int:
     return max(1, min(8, cpus))
 
 
-def generate(
+def generate(  # 83 lines: one atomic write (temporary folder, pool, rename) around every step
     root: str | Path,
     cfg: SynthConfig,
     data_cfg: DataConfig | None = None,

@@ -348,7 +348,7 @@ class _Checker:
             )
         )
 
-    def expect(
+    def expect(  # 9 parameters: where a problem is goes into its message
         self,
         obj: dict[str, Any],
         key: str,
@@ -677,7 +677,7 @@ class _Checker:
             out.append(_Image(i, image_id, fields["file_name"], fields["height"], fields["width"]))
         return out
 
-    def check_image_file(
+    def check_image_file(  # 69 lines: one image's checks in order, each its own code
         self,
         path: Path,
         image_id: int | None,
@@ -832,7 +832,7 @@ class _Checker:
             out[seg_id] = _Segment(j, seg_id, area)
         return out
 
-    def check_panoptic_png(
+    def check_panoptic_png(  # 101 lines: decoded once, compared with segments_info in one pass
         self, ann: _PanopticAnnotation, image_size: tuple[int, int] | None
     ) -> None:
         """Decode one panoptic PNG once and compare it with its segments_info."""
@@ -1192,7 +1192,7 @@ class _Checker:
                         file=label,
                     )
 
-    def check_label(
+    def check_label(  # 67 lines: each label check with its own problem code, in order
         self,
         stem: str,
         image_size: tuple[int, int] | None,

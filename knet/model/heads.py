@@ -196,7 +196,7 @@ KERNEL_UPDATERS = ("adaptive", "sum", "none")
 class KernelUpdateHead(nn.Module):
     """One kernel update round: assemble, update, interact, then classify and predict masks."""
 
-    def __init__(
+    def __init__(  # 9 parameters: the official KernelUpdateHead's hyper-parameters, one each
         self,
         channels: int,
         num_classes: int,

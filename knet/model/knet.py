@@ -47,7 +47,7 @@ class KNetOutput:
 class KNet(nn.Module):
     """K-Net for one task; build it with :func:`knet.model.build_model`."""
 
-    def __init__(
+    def __init__(  # 8 parameters: the model's parts, as build_model makes them
         self,
         backbone: ResNet,
         fpn: FPN,
