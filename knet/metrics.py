@@ -234,28 +234,18 @@ class PanopticQuality:
         names = ("pq", "pq_th", "pq_st")
         if not self.per_image:
             return {f"{n}_{end}": math.nan for n in names for end in ("low", "high")}
-        stats = np.stack(self.per_image)  # (n, 4, K)
-        # A canonical order of the images, so merged shards give the same resamples in any order.
-        flat = stats.reshape(len(stats), -1)
-        stats = stats[np.lexsort(flat.T[::-1])]
-        rng = np.random.default_rng(seed)
-        n = len(stats)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)  # (R, n)
-        totals = np.einsum("rn,nfk->rfk", counts.astype(np.float64), stats)  # (R, 4, K)
+        totals = _resampled_totals(self.per_image, resamples, seed)  # (R, 4, K)
         tp, fp, fn, iou = totals[:, 0], totals[:, 1], totals[:, 2], totals[:, 3]  # (R, K)
         denominator = tp + 0.5 * fp + 0.5 * fn
         pq = np.divide(iou, denominator, out=np.zeros_like(iou), where=denominator > 0)
         seen = (tp + fp + fn) > 0  # (R, K): the categories each resample averages over
         thing = np.asarray(self.categories.is_thing, dtype=bool)  # (K,)
-        tail = (1 - confidence) / 2 * 100
         out = {}
         for name, group in zip(names, (np.ones_like(thing), thing, ~thing), strict=True):
             present = seen & group[None, :]
             with np.errstate(invalid="ignore"):
                 means = (pq * present).sum(1) / present.sum(1)  # (R,), NaN if none present
-            means = means[np.isfinite(means)]
-            low, high = np.percentile(means, [tail, 100 - tail]) if means.size else (np.nan,) * 2
-            out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+            out.update(_percentile_interval(name, means, confidence))
         return out
 
     # ---- results ---------------------------------------------------------------------------
@@ -303,6 +293,25 @@ class PanopticQuality:
 # --------------------------------------------------------------------------------------------
 # Semantic IoU
 # --------------------------------------------------------------------------------------------
+
+
+def _resampled_totals(per_image: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
+    """The per-image statistics (n, F, K) summed over ``resamples`` bootstrap draws of the
+    images: (R, F, K). The images are put in a canonical order first, so merged shards give the
+    same draws in any order."""
+    stats = np.stack(per_image).astype(np.float64)
+    stats = stats[np.lexsort(stats.reshape(len(stats), -1).T[::-1])]
+    n = len(stats)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    return np.einsum("rn,nfk->rfk", counts.astype(np.float64), stats)
+
+
+def _percentile_interval(name: str, values: np.ndarray, confidence: float) -> dict[str, float]:
+    """``{name_low, name_high}``: the percentile interval of the finite ``values``."""
+    values = values[np.isfinite(values)]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail]) if values.size else (np.nan, np.nan)
+    return {f"{name}_low": float(low), f"{name}_high": float(high)}
 
 
 class SemanticIoU:
@@ -389,24 +398,16 @@ class SemanticIoU:
         ends = ("low", "high")
         if not self.per_image:
             return {f"{n}_{end}": math.nan for n in ("miou", "acc") for end in ends}
-        stats = np.stack(self.per_image).astype(np.float64)  # (n, 3, K)
-        flat = stats.reshape(len(stats), -1)
-        stats = stats[np.lexsort(flat.T[::-1])]  # canonical order: merged shards agree
-        n = len(stats)
-        counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
-        totals = np.einsum("rn,nfk->rfk", counts.astype(np.float64), stats)  # (R, 3, K)
+        totals = _resampled_totals(self.per_image, resamples, seed)  # (R, 3, K)
         tp, gt, predicted = totals[:, 0], totals[:, 1], totals[:, 2]
         union = gt + predicted - tp
         with np.errstate(divide="ignore", invalid="ignore"):
             miou = np.nanmean(np.where(union > 0, tp / union, np.nan), axis=1)
             acc = tp.sum(axis=1) / gt.sum(axis=1)
-        tail = (1 - confidence) / 2 * 100
-        out = {}
-        for name, values in (("miou", miou), ("acc", acc)):
-            values = values[np.isfinite(values)]
-            low, high = np.percentile(values, [tail, 100 - tail]) if values.size else (np.nan,) * 2
-            out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
-        return out
+        return {
+            **_percentile_interval("miou", miou, confidence),
+            **_percentile_interval("acc", acc, confidence),
+        }
 
     def compute(self) -> dict[str, Any]:
         """``{"miou", "acc", "bootstrap": {miou_low, ...}, "per_class": {t: {iou, acc, name}}}``;

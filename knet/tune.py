@@ -126,7 +126,8 @@ def _plan(cfg: Config, root: Path, address: str | None) -> _Sweep:
     cfg = absolute_paths(cfg, root)
     if cfg.train.num_workers < 1:
         raise TrainSetupError("knet tune needs Ray Train workers: set train.num_workers >= 1")
-    grid = grid_points(cfg)
+    axes = grid_axes(cfg)
+    grid = grid_points(cfg, axes)
     trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
     check_inputs(cfg)
     folder = Path(cfg.tune.storage_path) / name
@@ -145,7 +146,6 @@ def _plan(cfg: Config, root: Path, address: str | None) -> _Sweep:
 
         info = parent.run.info
         log.info("  MLflow: %s", run_address(cfg.tracking.uri, info.run_id, info.experiment_id))
-    axes = grid_axes(cfg)
     return _Sweep(cfg, name, metric, axes, grid, trial_cfgs, folder, state, concurrency, parent)
 
 
@@ -177,11 +177,11 @@ def _fit(sweep: _Sweep):
         return tuner.fit(), True
     tuner = ray_tune.Tuner(
         trainable,
-        param_space=param_space(cfg),
+        param_space=param_space(sweep.grid),
         tune_config=ray_tune.TuneConfig(
             metric=sweep.metric,
             mode=cfg.tune.mode,
-            scheduler=_scheduler(cfg),
+            scheduler=_scheduler(cfg, sweep.epochs),
             max_concurrent_trials=sweep.concurrency,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
@@ -321,11 +321,14 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def grid_points(cfg: Config) -> dict[tuple[Any, ...], dict[str, Any]]:
+def grid_points(
+    cfg: Config, axes: dict[str, tuple[Any, ...]] | None = None
+) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Every (axis values..., seed) of the sweep, in table order; the point holds the dotted
     keys and ``seed``. The cells are ``tune.design``'s: every combination of the axes, or the
-    reference cell and each axis varied alone around it."""
-    axes = grid_axes(cfg)
+    reference cell and each axis varied alone around it. ``axes``: :func:`grid_axes`, when
+    the caller has them already."""
+    axes = axes if axes is not None else grid_axes(cfg)
     seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
     points = {}
     for cell in sweep_cells(cfg, axes):
@@ -379,16 +382,20 @@ def base_values(cfg: Config, axes: dict[str, tuple[Any, ...]]) -> dict[str, Any]
     return values
 
 
-def param_space(cfg: Config) -> dict[str, Any]:
-    """Tune's grid: one ``cell`` (its dotted keys and values) per cell of the design, x seeds."""
+def param_space(grid: dict[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
+    """Tune's grid from the sweep's points (:func:`grid_points`): one ``cell`` (its dotted keys
+    and values) per cell of the design, x seeds."""
     from ray import tune as ray_tune
 
-    seeds = [cfg.train.seed + i for i in range(cfg.tune.seeds)]
-    cells = {}
-    for point in grid_points(cfg).values():
-        cell = {k: v for k, v in point.items() if k != "seed"}
-        cells.setdefault(repr(cell), cell)
-    return {"cell": ray_tune.grid_search(list(cells.values())), "seed": ray_tune.grid_search(seeds)}
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
+    seeds: dict[int, None] = {}
+    for key, point in grid.items():
+        cells.setdefault(key[:-1], {k: v for k, v in point.items() if k != "seed"})
+        seeds.setdefault(point["seed"])
+    return {
+        "cell": ray_tune.grid_search(list(cells.values())),
+        "seed": ray_tune.grid_search(list(seeds)),
+    }
 
 
 def point_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -545,12 +552,12 @@ def trial_dirname(trial) -> str:
     return f"{trial.trial_id}-{trial_name(trial)}"
 
 
-def _scheduler(cfg: Config):
+def _scheduler(cfg: Config, epochs: int):
+    """Tune's scheduler for trials of ``epochs`` epochs (None: FIFO)."""
     if cfg.tune.scheduler == "fifo":
         return None  # Tune's FIFO: every trial runs to the end
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = trial_config(cfg, next(iter(grid_points(cfg).values())), Path()).train.epochs
     return ASHAScheduler(
         max_t=epochs,
         grace_period=min(cfg.tune.grace_period, epochs),

@@ -91,8 +91,7 @@ class _Run:
     scheduler: Any
     val_set: Any
     cats: Any
-    device: torch.device
-    settings: EpochSettings
+    settings: EpochSettings  # its device is the run's
 
 
 def _build(cfg: Config, ctx: LocalContext) -> tuple[_Run, dict[str, Any]]:
@@ -128,7 +127,6 @@ def _build(cfg: Config, ctx: LocalContext) -> tuple[_Run, dict[str, Any]]:
         scheduler=scheduler,
         val_set=val_set,
         cats=cats,
-        device=device,
         settings=EpochSettings(
             optim=cfg.optim,
             device=device,
@@ -185,7 +183,7 @@ def _epochs(
             "lr": optimizer.param_groups[-1]["lr"],
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(_validate(model, run.val_set, cfg, run.cats, run.device, ctx))
+            metrics.update(_validate(model, run.val_set, cfg, run.cats, run.settings.device, ctx))
         epoch_times.append(time.perf_counter() - start)
         metrics["epoch_s"] = round(epoch_times[-1], 2)
         history.append(metrics)
