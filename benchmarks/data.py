@@ -40,7 +40,7 @@ elif stage == "validate":
 elif stage == "prepare":
     from knet.data.prepare import prepare
     manifest = prepare(cfg.data, progress=False)
-    images = sum(s["images"] for s in manifest["splits"].values())
+    images = sum(s["images"] for s in manifest.splits.values())
 elif stage == "loader":
     from knet.data.dataset import build_dataset, build_loader
     dataset = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=True)

@@ -18,12 +18,13 @@ import csv
 import functools
 import io
 import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from knet.io import check_output_file, write_output_file
 
 # The csv's columns, in order (the swept keys follow "status"); rows may hold more keys.
 COLUMNS = (
@@ -263,7 +264,7 @@ def write_reports(
     ``design`` says which cells the sweep ran (:func:`design_cells`).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_reports(out)
     if reference is None:
         reference = cells_of(axes)[0]
     keys = design_cells(axes, design, reference)
@@ -275,11 +276,23 @@ def write_reports(
     cells = cell_stats(rows, axes, cells=keys)
     reference = reference if reference in cells else next(iter(cells))
     paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
-    _write_text(paths["csv"], render_csv(rows, axes))
+    write_output_file(paths["csv"], render_csv(rows, axes), REPORT_KIND)
     text = render_markdown(rows, cells, metric, axes, reference, header or {}, design)
-    _write_text(paths["md"], text)
-    _write_plot(paths["png"], cells, metric, axes, reference if design != "product" else None)
+    write_output_file(paths["md"], text, REPORT_KIND)
+    plot = _render_plot(cells, metric, axes, reference if design != "product" else None)
+    write_output_file(paths["png"], plot, REPORT_KIND)
     return paths
+
+
+REPORT_KIND = "ablation-report"  # the ledger's kind of ablation.{csv,md,png}
+REPORT_FILES = ("ablation.csv", "ablation.md", "ablation.png")
+
+
+def check_reports(out_dir: str | Path) -> None:
+    """Refuse a report folder whose ``ablation.*`` files knet did not write (before a sweep
+    of minutes or hours, not after it): :func:`knet.io.check_output_file`."""
+    for name in REPORT_FILES:
+        check_output_file(Path(out_dir) / name, REPORT_KIND)
 
 
 def render_csv(rows: Sequence[Mapping[str, Any]], axes: Axes | None = None) -> str:
@@ -476,13 +489,12 @@ def _metric_text(cell: Cell) -> str:
     return text
 
 
-def _write_plot(
-    path: Path,
+def _render_plot(
     cells: Mapping[CellKey, Cell],
     metric: str,
     axes: Axes,
     reference: CellKey | None = None,
-) -> None:
+) -> bytes:
     """One panel per axis: the metric (mean, 95% interval over seeds) against the axis's
     values, one line per combination of the other axes (with ``reference``, one-at-a-time:
     only the line through the reference)."""
@@ -506,10 +518,10 @@ def _write_plot(
             lines.setdefault(label or metric, []).append(cell)
         ticks = [hashable(v) for v in axes[axis]]
         _panel(panel, metric, axis, ticks, "os^Dv"[i % 5], lines, i)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    return buffer.getvalue()
 
 
 def _panel(axes, metric: str, axis: str, ticks: list, marker: str, lines, index: int) -> None:
@@ -527,12 +539,6 @@ def _panel(axes, metric: str, axis: str, ticks: list, marker: str, lines, index:
     axes.grid(alpha=0.3)
     if len(lines) > 1:
         axes.legend(fontsize="small")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _t_half_width(values: Sequence[float]) -> float:

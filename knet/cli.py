@@ -8,7 +8,6 @@ Subcommands arrive with the stages they run; today: ``knet config``, ``knet mode
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from knet.config import Config, ConfigError, load_config
+from knet.data import DataError
 from knet.io import dumps
 
 
@@ -89,7 +89,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = args.out or cfg.data.synth.out
     summary = generate(out, cfg.data.synth, cfg.data, progress=not args.quiet)
-    print(f"wrote the synthetic dataset to {out}: {json.dumps(summary)}")
+    print(f"wrote the synthetic dataset to {out}: {dumps(summary)}")
     return 0
 
 
@@ -98,7 +98,7 @@ def cmd_data_nuclei(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     summary = generate_nuclei(args.out, cfg.data)
-    print(f"wrote the nuclei dataset to {args.out}: {json.dumps(summary)}")
+    print(f"wrote the nuclei dataset to {args.out}: {dumps(summary)}")
     return 0
 
 
@@ -140,13 +140,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         )
         return 1
     out = args.out or cfg.data.prepared
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.splits.items():
         print(
             f"{split}: {info['images']} images, {info['segments']} segments, "
             f"{len(info['skipped'])} problems skipped, {info['images_per_second']} img/s"
         )
-    print(f"wrote {out} (content hash {manifest['content_hash'][:12]})")
-    advice = scale_advice(manifest["splits"][cfg.data.train_split], cfg.data.test_size)
+    print(f"wrote {out} (content hash {manifest.content_hash[:12]})")
+    advice = scale_advice(manifest.splits[cfg.data.train_split], cfg.data.test_size)
     if advice:
         print(f"knet: warning: {advice}", file=sys.stderr)
     return 0
@@ -164,7 +164,7 @@ def _tracking_uri(args: argparse.Namespace, cfg: Config | None = None) -> str:
 
 
 def _registered(args: argparse.Namespace, cfg: Config | None = None):
-    """The (model, config, categories) of ``--model models:/...``, or None."""
+    """((model, config, categories), its ModelVersion) of ``--model models:/...``, or None."""
     if not args.model:
         return None
     from knet.registry import load_registered
@@ -173,14 +173,14 @@ def _registered(args: argparse.Namespace, cfg: Config | None = None):
         args.model, _tracking_uri(args, cfg), args.device
     )
     print(f"{args.model}: {version.name} version {version.version}", file=sys.stderr)
-    return model, trained, categories
+    return (model, trained, categories), version
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from knet.evaluate import evaluate_checkpoint
 
-    loaded = _registered(args, _config(args)) if args.model else None
-    metrics = evaluate_checkpoint(
+    registered = _registered(args, _config(args))
+    evaluation = evaluate_checkpoint(
         args.checkpoint,
         args.params,
         args.overrides,
@@ -191,9 +191,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         max_images=args.max_images,
-        loaded=loaded,
+        loaded=registered[0] if registered else None,
+        source=args.model,
     )
-    print(dumps(metrics, indent=2))
+    print(dumps(evaluation.metrics, indent=2))
+    if evaluation.run_id:
+        print(f"MLflow run: {evaluation.run_id}", file=sys.stderr)
     return 0
 
 
@@ -218,6 +221,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise ConfigError("knet predict needs at least one IMAGE_OR_FOLDER")
 
+    registered = _registered(args)
     summary = predict_checkpoint(
         args.inputs,
         args.checkpoint,
@@ -227,11 +231,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         device=args.device,
         progress=not args.quiet,
-        loaded=_registered(args),
+        loaded=registered[0] if registered else None,
+        source=args.model,
+        parent_run_id=registered[1].run_id if registered else None,
     )
     print(
         f"wrote {len(summary.written)} overlay PNGs and segment JSONs to {args.out}; "
         f"{len(summary.failed)} failed"
+        + (f"; MLflow run {summary.run_id}" if summary.run_id else "")
     )
     for _, reason in summary.failed:
         print(f"  failed: {reason}", file=sys.stderr)
@@ -241,21 +248,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from knet.training import train
 
-    summary = train(_config(args), run_name=args.run_name, address=args.address)
-    final = summary.get("final", {})
-    shown = {k: v for k, v in final.items() if k.startswith("val_") or k == "loss"}
-    print(f"run {summary['run_name']}: {summary['epochs']} epochs in {summary['seconds']} s")
+    result = train(_config(args), run_name=args.run_name, address=args.address)
+    shown = {k: v for k, v in result.final.items() if k.startswith("val_") or k == "loss"}
+    print(f"run {result.run_name}: {result.epochs} epochs in {result.seconds} s")
     print(dumps(shown, indent=2))
-    print(f"final checkpoint: {summary['checkpoint']}")
-    hosts = summary.get("worker_hosts") or []
-    speeds = summary.get("worker_images_per_s") or [None] * len(hosts)
+    print(f"final checkpoint: {result.checkpoint}")
+    hosts = result.worker_hosts
+    speeds = result.worker_images_per_s or [None] * len(hosts)
     if hosts:  # the last worker group: where each rank ran, and its mean images/s
         workers = (
             f"{h} ({v} img/s)" if v is not None else h for h, v in zip(hosts, speeds, strict=True)
         )
         print(f"workers: {', '.join(workers)}")
-    if summary.get("mlflow_run_id"):
-        print(f"MLflow run: {summary['mlflow_run_id']}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id}")
     return 0
 
 
@@ -266,23 +272,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg, notes = command_line_sweep(_config(args), args.overrides, args.grid)
     for note in notes:
         print(note)
-    summary = tune(cfg, address=args.address)
-    print(Path(summary["reports"]["md"]).read_text())
-    print(f"sweep {summary['name']}: {len(summary['rows'])} trials in {summary['seconds']} s")
-    for kind, path in summary["reports"].items():
+    sweep = tune(cfg, address=args.address)
+    print(Path(sweep.reports["md"]).read_text())
+    print(f"sweep {sweep.name}: {len(sweep.rows)} trials in {sweep.seconds} s")
+    for kind, path in sweep.reports.items():
         print(f"  {kind}: {path}")
-    best = summary["best"]
+    best = sweep.best
     if best:
-        point = ", ".join(f"{k}={format_value(best.get(k))}" for k in summary["axes"])
+        point = ", ".join(f"{k}={format_value(best.get(k))}" for k in sweep.axes)
         print(
             f"best trial {best['trial_id']} ({point}, seed {best['seed']}): "
-            f"{summary['metric']} {best['value']:.2f}; checkpoint {best['checkpoint']}"
+            f"{sweep.metric} {best['value']:.2f}; checkpoint {best['checkpoint']}"
         )
-    if summary.get("parent_run_id"):
-        print(f"MLflow parent run: {summary['parent_run_id']}")
-    if summary["failed"]:
+    if sweep.parent_run_id:
+        print(f"MLflow parent run: {sweep.parent_run_id}")
+    if sweep.failed:
         print(
-            f"knet: {summary['failed']} trial(s) failed (see the report); rerun the same "
+            f"knet: {sweep.failed} trial(s) failed (see the report); rerun the same "
             f"command to retry them, finished trials are kept",
             file=sys.stderr,
         )
@@ -294,14 +300,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from knet.registry import promote
 
     record = promote(_config(args), run_id=args.run_id, checkpoint=args.checkpoint)
-    metric = record["metric"]
-    challenger, before = record["challenger"], record["champion_before"]
-    print(f"{record['model']} version {challenger['version']}: {metric} {challenger[metric]:.2f}")
+    metric, challenger, before = record.metric, record.challenger, record.champion_before
+    print(f"{record.model} version {record.version}: {metric} {challenger[metric]:.2f}")
     if before:
         print(f"champion before: version {before['version']}: {metric} {before[metric]:.2f}")
-    print(f"decision: {record['decision']} ({record['reason']})")
-    print(f"champion: version {record['champion']}  (models:/{record['model']}@champion)")
-    timings = ", ".join(f"{k} {v:.2f}" for k, v in record["timings"].items())
+    print(f"decision: {record.decision} ({record.reason})")
+    print(f"champion: version {record.champion}  (models:/{record.model}@champion)")
+    timings = ", ".join(f"{k} {v:.2f}" for k, v in record.timings.items())
     print(f"timings (s): {timings}")
     return 0
 
@@ -310,16 +315,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from knet.registry import lineage
 
     info = lineage(args.uri, args.tracking_uri or _tracking_uri(args, _config(args)))
-    print(f"{info['uri']} -> {info['model']} version {info['version']} {info['aliases']}")
-    print(f"  run:        {info['run_id']} ({info['run_name']})")
-    print(f"  params:     hash {info['params_hash']}  {json.dumps(info['params'])}")
-    print(f"  data:       {info['data_hash']}")
-    print(f"  git commit: {info['git_commit']} (dirty: {info['git_dirty']})")
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(info["metrics"].items()))
+    print(f"{info.uri} -> {info.model} version {info.version} {info.aliases}")
+    print(f"  run:        {info.run_id} ({info.run_name})")
+    print(f"  params:     hash {info.params_hash}  {dumps(info.params)}")
+    print(f"  data:       {info.data_hash}")
+    print(f"  git commit: {info.git_commit} (dirty: {info.git_dirty})")
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(info.metrics.items()))
     print(f"  metrics:    {shown}")
-    print(f"  validation: {info['validation']}")
+    print(f"  validation: {info.validation}")
     print("  reproduce:")
-    for line in info["reproduce"]:
+    for line in info.reproduce:
         print(f"    {line}")
     return 0
 
@@ -745,8 +750,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         # Usage, config and input errors (a bad key, a missing file, a refused output) are 2,
-        # as argparse's; anything else that stopped the command is 1.
+        # as argparse's; problems of the data (DataError) and anything else that stopped the
+        # command are 1.
         usage = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError)
+        usage = usage and not isinstance(err, DataError)  # the data given is at fault: 1
         print(f"knet: error: {_one_line(err)}", file=sys.stderr)
         if not usage:
             print("knet: (run with --debug for the traceback)", file=sys.stderr)

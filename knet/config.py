@@ -155,6 +155,9 @@ class PostprocessConfig:
     instance_score_threshold: float = 0.3
     # Panoptic merge: a kernel keeps its pixels only if it owns this fraction of its own mask.
     overlap_threshold: float = 0.6
+    # `knet predict`: an image of more pixels is predicted at the largest size under this
+    # (its JSON says the scale), so memory stays bounded (instance masks are k x H x W).
+    max_pixels: int = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -514,7 +517,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.postprocess.mask_threshold": (0.0, 1.0),
     "model.postprocess.instance_score_threshold": (0.0, 1.0),
     "model.postprocess.overlap_threshold": (0.0, 1.0),
+    "model.postprocess.max_pixels": (4096, 2**31 - 1),
     "data.flip_prob": (0.0, 1.0),
+    "data.synth.seed": (0, 2**32 - 1),
     "data.synth.image_size": (32, 4096),
     "data.synth.train_images": (1, 1_000_000),
     "data.synth.val_images": (1, 1_000_000),

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from knet.checkpoint import load_model
 from knet.config import Config, absolute_paths, load_config
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset
-from knet.io import atomic_directory, check_output_dir, write_json_atomic
+from knet.io import atomic_directory, check_output_dir, check_output_file, dumps, write_output_file
 from knet.metrics import accumulate_metrics, as_percent, summarize
 from knet.model import KNet, KNetOutput
 from knet.postprocess import PanopticResult
-from knet.tracking import Tracker, run_exists
+from knet.tracking import log_output_run
 from knet.visualize import kernel_activation_grid, stage_masks_figure
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 KERNEL_GRID = 32  # common size of the kernel activation maps
 STAGE_FIGURES = 3  # images with a per-stage mask figure
 STAGE_KERNELS = 8  # kernels shown per figure
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``knet evaluate`` measured and wrote (printed as JSON of its metrics)."""
+
+    metrics: dict[str, float]  # flat, in percent: pq, pq_th, ..., ap, miou; NaN: no value
+    source: str  # the checkpoint or model URI evaluated
+    out: str  # the prediction files' folder
+    metrics_file: str | None  # the DVC metrics JSON (and the per-class CSV beside it)
+    run_id: str | None  # its MLflow run, when tracking is on
 
 
 def evaluate_checkpoint(  # 13 parameters: one per `knet evaluate` option (the API mirrors it)
@@ -62,7 +73,7 @@ def evaluate_checkpoint(  # 13 parameters: one per `knet evaluate` option (the A
     max_images: int | None = None,
     loaded: tuple[KNet, Config, Categories] | None = None,
     source: str | None = None,
-) -> dict[str, float]:
+) -> Evaluation:
     """Evaluate the model stored in ``checkpoint`` on the data that ``params`` describe.
 
     The model (architecture, weights, categories) comes from the checkpoint, or from
@@ -94,8 +105,9 @@ def evaluate_checkpoint(  # 13 parameters: one per `knet evaluate` option (the A
         progress=progress,
         max_images=max_images,
     )
+    run_id = None
     if write_metrics and cfg.tracking.enabled:
-        log_evaluation(
+        run_id = log_evaluation(
             cfg,
             source or "model",
             flat,
@@ -103,7 +115,13 @@ def evaluate_checkpoint(  # 13 parameters: one per `knet evaluate` option (the A
             Path(metrics_file or ev.metrics),
             info.get("mlflow_run_id"),
         )
-    return flat
+    return Evaluation(
+        metrics=flat,
+        source=source or "model",
+        out=str(out or ev.out),
+        metrics_file=str(metrics_file or ev.metrics) if write_metrics else None,
+        run_id=run_id,
+    )
 
 
 def log_evaluation(
@@ -118,24 +136,17 @@ def log_evaluation(
     the pictures of ``out`` (kernel maps, per-stage masks) as artifacts; nested under the
     training run when that run is in the same store. Returns the run id."""
     tracking = absolute_paths(cfg, Path.cwd()).tracking  # the project's store, as training's
-    uri = tracking.uri
-    tags = {"knet.source": source, "knet.kind": "evaluation"}
-    if trained_run_id and run_exists(tracking, trained_run_id):
-        tags["mlflow.parentRunId"] = trained_run_id
-    tracker = Tracker(tracking, f"evaluate-{Path(source).stem}", tags=tags)
-    try:
-        tracker.log_metrics(flat, step=0)
-        for path in (metrics_file, per_class_path(metrics_file)):
-            if path.is_file():
-                tracker.log_artifact(path, "evaluation")
-        for picture in sorted(out.glob("*.png"))[:EVALUATION_PICTURES]:
-            tracker.log_artifact(picture, "evaluation/pictures")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
-    log.info("evaluation logged to MLflow run %s (%s)", tracker.run_id, uri)
-    return tracker.run_id
+    files = [p for p in (metrics_file, per_class_path(metrics_file)) if p.is_file()]
+    pictures = sorted(out.glob("*.png"))[:EVALUATION_PICTURES]
+    return log_output_run(
+        tracking,
+        f"evaluate-{Path(source).stem}",
+        "evaluation",
+        source,
+        trained_run_id,
+        flat,
+        [(p, "evaluation") for p in files] + [(p, "evaluation/pictures") for p in pictures],
+    )
 
 
 # Pictures of the evaluation folder (kernel maps, per-stage masks) copied into its MLflow run.
@@ -143,12 +154,15 @@ EVALUATION_PICTURES = 20
 
 
 def check_metrics_file(path: str | Path) -> None:
-    """Refuse a metrics path (or its per-class CSV) that is a folder, before any work: found
-    only at the end, it would fail after the prediction files were replaced."""
+    """Refuse a metrics path (or its per-class CSV) knet may not write, before any work: a
+    folder, or a file knet did not write (:func:`knet.io.check_output_file`); found only at
+    the end, it would fail after the prediction files were replaced."""
     path = Path(path)
     for target in (path, per_class_path(path)):
-        if target.is_dir():
-            raise ValueError(f"metrics file {target} is a folder; give a file path")
+        check_output_file(target, METRICS_KIND)
+
+
+METRICS_KIND = "metrics"  # the ledger's kind of the DVC metrics files knet writes
 
 
 def per_class_path(metrics_file: str | Path) -> Path:
@@ -195,9 +209,7 @@ def evaluate_model(  # 10 parameters: the options of evaluate_checkpoint for a l
         if writer is not None:
             writer.close()
         if "ap" in metrics:
-            (tmp / "instances_results.json").write_text(
-                json.dumps(metrics["ap"].coco_results_json())
-            )
+            (tmp / "instances_results.json").write_text(dumps(metrics["ap"].coco_results_json()))
         if kernel_view is not None:
             kernel_view.save(tmp)
     seconds = time.perf_counter() - start
@@ -211,7 +223,8 @@ def evaluate_model(  # 10 parameters: the options of evaluate_checkpoint for a l
         postprocess_s=round(timings.get("postprocess_s", 0.0), 3),
     )
     if metrics_file is not None:
-        write_json_atomic(metrics_file, flat, indent=2)
+        check_metrics_file(metrics_file)  # again: something may have appeared meanwhile
+        write_output_file(metrics_file, dumps(flat, indent=2), METRICS_KIND)
         _write_per_class(
             per_class_path(metrics_file),
             categories,
@@ -271,10 +284,7 @@ def _write_per_class(path: Path, categories: Categories, computed: dict[str, Any
         if "miou" in computed:
             row["iou"] = as_percent(computed["miou"]["per_class"][t]["iou"])
         writer.writerow(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
+    write_output_file(path, buffer.getvalue(), METRICS_KIND)
 
 
 class _PanopticWriter:
@@ -316,7 +326,7 @@ class _PanopticWriter:
 
     def close(self) -> None:
         data = {"annotations": self.annotations, "categories": self.categories.to_json()}
-        (self.folder / "panoptic.json").write_text(json.dumps(data))
+        (self.folder / "panoptic.json").write_text(dumps(data))
 
 
 class _KernelView:

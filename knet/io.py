@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 MARKER = ".knet-output"  # JSON; no .json suffix, so a glob of the results never lists it
 """The file that marks a folder as knet's own output of one kind (``{"kind": ...}``)."""
+LEDGER = ".knet-files"  # JSON {file name: kind}: the files knet wrote into a shared folder
+"""The files knet wrote into a folder it shares with others (``metrics/``, ``reports/``)."""
 
 
 class OutputExistsError(ValueError):
@@ -60,6 +63,64 @@ def check_output_dir(target: str | Path, kind: str) -> None:
         f"folder or its own {kind} output (marked by {MARKER}): choose a new folder, or "
         f"remove it yourself"
     )
+
+
+def check_output_file(target: str | Path, kind: str) -> None:
+    """Refuse a single-file output knet may not replace: a folder, a symbolic link, or an
+    existing file that knet did not write as ``kind`` (not in its folder's :data:`LEDGER`).
+
+    The files of shared folders (``metrics/eval.json`` beside the user's own notes,
+    ``reports/ablation.md``) follow the folder rule of :func:`check_output_dir` one file at a
+    time; call it before the work, so a refusal comes first and costs nothing.
+    """
+    path = Path(target)
+    if path.is_symlink():
+        raise OutputExistsError(f"output {target} is a symbolic link; give a new file path")
+    if path.is_dir():
+        raise OutputExistsError(f"output {target} is a folder; give a file path")
+    if path.exists() and _ledger(path.parent).get(path.name) != kind:
+        raise OutputExistsError(
+            f"output {target} already exists and knet did not write it as {kind} output "
+            f"(it is not in {path.parent / LEDGER}); knet only replaces files it wrote: "
+            f"choose another path, or remove it yourself"
+        )
+
+
+def write_output_file(target: str | Path, content: str | bytes, kind: str) -> None:
+    """Write ``content`` to ``target`` atomically (a temporary file in the same folder, then a
+    rename) after :func:`check_output_file`, and record it in the folder's :data:`LEDGER`, so
+    that a later run of the same kind may replace it."""
+    path = Path(target)
+    check_output_file(path, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, content)
+    ledger = _ledger(path.parent)
+    if ledger.get(path.name) != kind:
+        _write_atomic(path.parent / LEDGER, json.dumps({**ledger, path.name: kind}, indent=1))
+
+
+def _ledger(folder: Path) -> dict[str, str]:
+    entry = folder / LEDGER
+    if entry.is_symlink() or not entry.is_file():
+        return {}
+    try:
+        data = json.loads(entry.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
+    data = content.encode() if isinstance(content, str) else content
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def mark_output(folder: str | Path, kind: str) -> None:
@@ -135,11 +196,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def json_safe(data: Any) -> Any:
-    """``data`` with every NaN / infinite float replaced by None, so it is valid JSON.
+    """``data`` as plain JSON values: every NaN / infinite float as None, a stage result (a
+    dataclass) as the mapping of its fields, a path as its string.
 
-    Python's ``json`` writes a bare ``NaN``, which no JSON parser but Python's accepts; knet
-    writes ``null`` for a metric that has no value (e.g. AP_l when the split has no large
-    object), as docs/data.md states.
+    This is the one serializer of what knet writes and prints as JSON (metrics files, the
+    stage results of ``knet ... --json``-like output, the flows' summaries). Python's ``json``
+    writes a bare ``NaN``, which no JSON parser but Python's accepts; knet writes ``null`` for
+    a metric that has no value (e.g. AP_l when the split has no large object), as
+    docs/data.md states.
     """
     if isinstance(data, float):
         return data if math.isfinite(data) else None
@@ -147,6 +211,10 @@ def json_safe(data: Any) -> Any:
         return {k: json_safe(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [json_safe(v) for v in data]
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return {f.name: json_safe(getattr(data, f.name)) for f in dataclasses.fields(data)}
+    if isinstance(data, Path):
+        return str(data)
     return data
 
 
@@ -160,12 +228,4 @@ def write_json_atomic(path: str | Path, data: Any, **dump_kwargs: Any) -> None:
     folder, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps(data, **dump_kwargs))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    _write_atomic(path, dumps(data, **dump_kwargs))

@@ -6,7 +6,7 @@ reported with its path and skipped; the others are still processed.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -21,25 +21,40 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from knet.checkpoint import load_model
-from knet.config import Config, apply_override, config_from_dict, load_config
+from knet.config import (
+    Config,
+    TrackingConfig,
+    absolute_paths,
+    apply_override,
+    config_from_dict,
+    load_config,
+)
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, load_rgb
 from knet.data.layout import IMAGE_SUFFIXES
 from knet.data.transforms import Transform
 from knet.engine import predict_batch
-from knet.io import check_output_dir, mark_output
+from knet.io import check_output_dir, dumps, mark_output
 from knet.metrics import semantic_from_panoptic
 from knet.model import KNet
 from knet.postprocess import PanopticResult
+from knet.tracking import log_output_run
 from knet.visualize import instance_overlay, panoptic_overlay, semantic_overlay
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictSummary:
-    written: list[str] = field(default_factory=list)
+    """What ``knet predict`` wrote (the CLI prints it, the flow reads it)."""
+
+    written: list[str] = field(default_factory=list)  # the overlay PNGs (a .json beside each)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    run_id: str | None = None  # the MLflow run holding the overlays, when tracking is on
+
+
+# Overlay pictures copied into a prediction's MLflow run (the segment JSONs all go).
+PREDICTION_PICTURES = 20
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -84,7 +99,7 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def predict_checkpoint(  # 9 parameters: one per `knet predict` option (the API mirrors it)
+def predict_checkpoint(  # 12 parameters: the `knet predict` options and the model's origin
     inputs: Iterable[str | Path],
     checkpoint: str | Path | None,
     out: str | Path,
@@ -94,16 +109,25 @@ def predict_checkpoint(  # 9 parameters: one per `knet predict` option (the API 
     device: str = "cpu",
     progress: bool = True,
     loaded: tuple[KNet, Config, Categories] | None = None,
+    *,
+    source: str | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
 ) -> PredictSummary:
     """Predict every input image with the checkpoint's model; see :func:`predict_images`.
 
     ``loaded`` is an already loaded (model, its config, categories), e.g. a registered
-    version, used instead of ``checkpoint``.
+    version named ``source`` (its model URI) and trained in run ``parent_run_id``, used
+    instead of ``checkpoint``. With ``track`` and the config's tracking on, the overlays and
+    segment files also go to an MLflow run ``predict-<source>`` (:func:`log_prediction`),
+    a child of the model's training run when that run is in the same store.
     """
     inputs = check_inputs(inputs)
     check_output_dir(out, "predict")  # before loading anything
     if loaded is None:
-        loaded = load_model(checkpoint, device)
+        info: dict[str, Any] = {}
+        loaded = load_model(checkpoint, device, info=info)
+        source, parent_run_id = str(checkpoint), info.get("mlflow_run_id")
     model, trained, categories = loaded
     if params is not None:
         cfg = load_config(params, overrides)
@@ -112,7 +136,7 @@ def predict_checkpoint(  # 9 parameters: one per `knet predict` option (the API 
         for item in overrides:
             apply_override(data, item)
         cfg = config_from_dict(data)
-    return predict_images(
+    summary = predict_images(
         inputs,
         model,
         trained.model.task,
@@ -121,6 +145,30 @@ def predict_checkpoint(  # 9 parameters: one per `knet predict` option (the API 
         out,
         task=task or trained.model.task,
         progress=progress,
+    )
+    if track and cfg.tracking.enabled and summary.written:
+        tracking = absolute_paths(cfg, Path.cwd()).tracking  # the project's store
+        run_id = log_prediction(tracking, source or "model", summary, parent_run_id)
+        summary = dataclasses.replace(summary, run_id=run_id)
+    return summary
+
+
+def log_prediction(
+    tracking: TrackingConfig, source: str, summary: PredictSummary, parent_run_id: str | None
+) -> str:
+    """A prediction as an MLflow run: the first overlay pictures and every segment JSON as
+    artifacts, the counts of images written and failed as metrics. Returns the run id."""
+    pictures = [Path(p) for p in summary.written]
+    artifacts = [(p, "prediction/overlays") for p in pictures[:PREDICTION_PICTURES]]
+    artifacts += [(p.with_suffix(".json"), "prediction/segments") for p in pictures]
+    return log_output_run(
+        tracking,
+        f"predict-{Path(source).stem or 'model'}",
+        "prediction",
+        source,
+        parent_run_id,
+        {"images_written": len(summary.written), "images_failed": len(summary.failed)},
+        artifacts,
     )
 
 
@@ -142,7 +190,8 @@ def predict_images(  # 8 parameters: a loaded model with its config, and predict
     _check_task(model_task, task)
     check_output_dir(out, "predict")
     out = Path(out)
-    summary = PredictSummary()
+    written: list[str] = []
+    failed: list[tuple[str, str]] = []
     made = False  # the folder is made with the first result: a run that writes none leaves none
     model.eval()
     paths = expand_inputs(inputs)
@@ -158,15 +207,23 @@ def predict_images(  # 8 parameters: a loaded model with its config, and predict
         except Exception as err:  # PIL raises several types for unreadable files
             reason = f"cannot read image {path}: {err}"
             log.error("%s", reason)
-            summary.failed.append((str(path), reason))
+            failed.append((str(path), reason))
             continue
+        height, width = image.shape[:2]
+        image, scale = fit_pixels(image, cfg.model.postprocess.max_pixels)
+        if scale < 1:
+            log.warning(
+                "%s has %dx%d pixels, over model.postprocess.max_pixels=%d: predicted at %dx%d "
+                "(scale %.4f)", path, width, height, cfg.model.postprocess.max_pixels,
+                image.shape[1], image.shape[0], scale,
+            )  # fmt: skip
         try:
             result = predict_image(model, model_task, categories, cfg, image, task)
             picture, segments = _render(image, result, task, categories)
-        except (RuntimeError, MemoryError) as err:  # e.g. out of memory on a huge image
-            reason = f"cannot predict {path} ({image.shape[1]}x{image.shape[0]}): {err}"
+        except Exception as err:  # e.g. out of memory: one image never stops the others
+            reason = f"cannot predict {path} ({width}x{height}): {err}"
             log.error("%s", " ".join(reason.split()))
-            summary.failed.append((str(path), reason))
+            failed.append((str(path), reason))
             continue
         if not made:
             check_output_dir(out, "predict")  # something may have appeared there meanwhile
@@ -175,19 +232,34 @@ def predict_images(  # 8 parameters: a loaded model with its config, and predict
             made = True
         picture.save(out / f"{name}.png")
         (out / f"{name}.json").write_text(
-            json.dumps(
+            dumps(
                 {
                     "image": str(path),
                     "task": task,
                     "height": image.shape[0],
                     "width": image.shape[1],
+                    # < 1 when the image was over model.postprocess.max_pixels: the segments
+                    # are at height x width, the original's sides times this
+                    "scale": scale,
                     "segments": segments,
                 },
                 indent=1,
             )
         )
-        summary.written.append(str(out / f"{name}.png"))
-    return summary
+        written.append(str(out / f"{name}.png"))
+    return PredictSummary(written, failed)
+
+
+def fit_pixels(image: np.ndarray, max_pixels: int) -> tuple[np.ndarray, float]:
+    """``image`` scaled down (area resampling) to at most ``max_pixels`` pixels, and the
+    scale of its sides (1.0: unchanged)."""
+    height, width = image.shape[:2]
+    if height * width <= max_pixels:
+        return image, 1.0
+    scale = (max_pixels / (height * width)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    resized = Image.fromarray(image).resize(size, Image.Resampling.BOX)
+    return np.array(resized), size[0] / width  # a writable copy (torch.from_numpy)
 
 
 def predict_image(

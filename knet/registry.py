@@ -24,17 +24,19 @@ import json
 import math
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from knet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from knet.config import Config, config_from_dict
+from knet.config import QUALITY_METRICS, Config, config_from_dict
 from knet.data.categories import Categories
-from knet.io import dumps, write_json_atomic
+from knet.io import check_output_file, dumps, write_output_file
 from knet.model import KNet
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -42,12 +44,21 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "knet.json"
 FILES_FORMAT = 1
 HEADLINE = {"panoptic": "pq", "instance": "ap", "semantic": "miou"}
+# What evaluation reports per task (a panoptic model: PQ, AP of its things and mIoU).
+TASK_METRICS = {
+    "panoptic": QUALITY_METRICS,
+    "instance": ("ap", "ap50", "ap75", "aps", "apm", "apl"),
+    "semantic": ("miou", "acc"),
+}
 LINEAGE_TAGS = ("git_commit", "git_dirty", "data_hash", "params_hash")
 # What a serving environment needs besides knet itself (given, so MLflow does not spend
 # seconds inferring them).
 PIP_REQUIREMENTS = ["torch", "numpy", "scipy", "pycocotools", "pyyaml", "pillow"]
 EVAL_BOOKKEEPING = ("images", "seconds", "images_per_s", "forward_s", "postprocess_s")
 MAX_RECHECKS = 5  # champion re-reads when promotions race
+# The gate's lock on a tracking server: an entry older than this is a promoter that died.
+GATE_LEASE_S = 60.0
+GATE_TAG = "knet.gate.v"  # + version: one registered-model tag per promoter in the lock
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -180,13 +191,39 @@ def gate_metric(cfg: Config, task: str) -> str:
     return cfg.registry.metric or HEADLINE[task]
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """What ``knet promote`` decided (written as ``registry.output``, JSON of these fields)."""
+
+    model: str  # the registered model's name
+    metric: str  # the gate's metric
+    min_improvement: float
+    decision: str  # promoted | rejected
+    reason: str
+    challenger: dict[str, Any]  # version, <metric>: score, source
+    champion_before: dict[str, Any] | None  # version, <metric>: score; None: there was none
+    champion: int | None  # the version that is champion after the gate
+    split: str
+    evaluated_on: str  # the DVC hash of the data both were evaluated on
+    timings: dict[str, float]
+
+    @property
+    def version(self) -> int:
+        """The challenger's version (the one this promotion registered)."""
+        return int(self.challenger["version"])
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model}/{self.version}"
+
+
 def promote(  # 65 lines: register, evaluate, gate, write; each failure handled where it happens
     cfg: Config,
     root: str | Path = ".",
     run_id: str | None = None,
     checkpoint: str | Path | None = None,
     settle_s: float = 0.5,
-) -> dict[str, Any]:
+) -> Promotion:
     """Register, evaluate and gate one model; returns (and writes) the decision.
 
     Args:
@@ -205,6 +242,9 @@ def promote(  # 65 lines: register, evaluate, gate, write; each failure handled 
     # A missing or foreign checkpoint file is refused before the store is opened (opening a
     # sqlite store creates it).
     loaded = None if run_id else load_checkpoint(Path(checkpoint or cfg.train.output))
+    check_output_file(root / cfg.registry.output, "promotion")  # before the registry changes
+    if loaded is not None:  # a run's checkpoint is checked once downloaded
+        _check_gate_metric(cfg, loaded["config"]["model"]["task"])
     check_tracking_uri(cfg.tracking.uri)
     mlflow = _mlflow(cfg.tracking.uri)
     client = mlflow.MlflowClient()
@@ -213,6 +253,7 @@ def promote(  # 65 lines: register, evaluate, gate, write; each failure handled 
     payload, source, run_id = _source(mlflow, client, cfg, run_id, checkpoint, loaded)
     task = payload["config"]["model"]["task"]
     name, metric = model_name(cfg, task), gate_metric(cfg, task)
+    _check_gate_metric(cfg, task)
     version = _register(mlflow, client, cfg, root, name, payload, source, run_id)
     client.set_registered_model_alias(name, "challenger", version)
     timings["register_s"] = time.perf_counter() - began
@@ -221,7 +262,12 @@ def promote(  # 65 lines: register, evaluate, gate, write; each failure handled 
     scores = {version: _evaluate(mlflow, client, cfg, name, version)}
     timings["evaluate_challenger_s"] = time.perf_counter() - began
     _check_metric(metric, scores[version])
-    with _gate_lock(cfg.tracking.uri):
+    champion = _alias(client, name, "champion")
+    if champion not in (None, version):  # before the lock, which is then held for seconds
+        began = time.perf_counter()
+        scores[champion] = _evaluate(mlflow, client, cfg, name, champion)
+        timings["evaluate_champion_s"] = time.perf_counter() - began
+    with _gate_lock(cfg.tracking.uri, client, name, version):
         decision = _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow)
 
     challenger = scores[version]
@@ -230,21 +276,32 @@ def promote(  # 65 lines: register, evaluate, gate, write; each failure handled 
             client.set_model_version_tag(name, version, f"metric.{key}", str(value))
     client.set_model_version_tag(name, version, "validation_status", decision["status"])
     client.set_model_version_tag(name, version, "validation_reason", decision["reason"])
-    record = {
-        "model": name,
-        "metric": metric,
-        "min_improvement": cfg.registry.min_improvement,
-        "decision": decision["decision"],
-        "reason": decision["reason"],
-        "challenger": {"version": int(version), metric: challenger[metric], "source": source},
-        "champion_before": decision["champion_before"],
-        "champion": int(decision["champion_after"]) if decision["champion_after"] else None,
-        "split": cfg.registry.split or cfg.data.val_split,
-        "evaluated_on": _data_tag(cfg, root),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
-    write_json_atomic(root / cfg.registry.output, record, indent=2)
+    record = Promotion(
+        model=name,
+        metric=metric,
+        min_improvement=cfg.registry.min_improvement,
+        decision=decision["decision"],
+        reason=decision["reason"],
+        challenger={"version": int(version), metric: challenger[metric], "source": source},
+        champion_before=decision["champion_before"],
+        champion=int(decision["champion_after"]) if decision["champion_after"] else None,
+        split=cfg.registry.split or cfg.data.val_split,
+        evaluated_on=_data_tag(cfg, root),
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+    write_output_file(root / cfg.registry.output, dumps(record, indent=2), "promotion")
     return record
+
+
+def _check_gate_metric(cfg: Config, task: str) -> None:
+    """Refuse a ``registry.metric`` the task's evaluation does not report, before the store is
+    opened or a version registered (not after minutes of evaluation)."""
+    metric = gate_metric(cfg, task)
+    if metric not in TASK_METRICS[task]:
+        raise RegistryError(
+            f"registry.metric={metric} is not a metric of this {task} model "
+            f"({', '.join(TASK_METRICS[task])})"
+        )
 
 
 def _source(mlflow, client, cfg: Config, run_id, checkpoint, loaded=None):
@@ -351,20 +408,23 @@ def _check_metric(metric: str, metrics: dict[str, float]) -> None:
 
 
 @contextlib.contextmanager
-def _gate_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise the gates of promotions that share a local store (sqlite or a folder).
+def _gate_lock(tracking_uri: str, client, name: str, version: str) -> Iterator[None]:
+    """Serialise the gates of promotions of ``name`` that share a store: held while a
+    promotion compares itself with the champion and moves the aliases, so racing ``knet
+    promote`` processes decide one after the other, each against the champion the previous
+    one left (the champion itself is evaluated before, outside the lock).
 
-    An exclusive ``flock`` on a file beside the store, held while a promotion compares itself
-    with the champion and moves the aliases: racing ``knet promote`` processes then decide one
-    after the other, each against the champion the previous one left. A tracking server offers
-    no lock (MLflow has no compare-and-set of an alias); there the gate is optimistic: it
-    re-reads the champion after evaluating it and again ``settle_s`` after moving it.
+    A local store (sqlite or a folder): an exclusive ``flock`` on a file beside it. A tracking
+    server offers no lock and no compare-and-set of an alias, so there the lock is Lamport's
+    bakery algorithm over registered-model tags (:func:`_bakery`), which needs nothing more
+    than each promoter writing its own tag and reading the others'.
     """
     store = _sqlite_path(tracking_uri)
     if store is None and "://" not in tracking_uri:
         store = Path(tracking_uri)  # a folder store
     if store is None:
-        yield
+        with _bakery(client, name, version):
+            yield
         return
     lock = store.with_name(f".{store.name}.knet-promote.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +434,62 @@ def _gate_lock(tracking_uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _bakery(client, name: str, version: str, lease_s: float = GATE_LEASE_S) -> Iterator[None]:
+    """Mutual exclusion of promoters through a tracking server (Lamport's bakery algorithm).
+
+    Each promoter owns the tag ``knet.gate.v<version>`` of the registered model: ``choosing``
+    while it takes a ticket, then ``<ticket>`` = 1 + the largest ticket it sees. It enters when
+    no other promoter is choosing and every other ticket is larger, ties broken by version,
+    and deletes its tag on leaving. The tags carry the time they were written; a thread
+    rewrites ours every ``lease_s / 4`` while we wait and hold, so an entry older than
+    ``lease_s`` is a promoter that died (``kill -9``) and is ignored.
+    """
+    key, me = f"{GATE_TAG}{version}", int(version)
+    state = {"value": "choosing"}
+    stop, writing = threading.Event(), threading.Lock()
+
+    def write(value: str | None = None) -> None:
+        with writing:  # the heartbeat never writes back an older state over a newer one
+            state["value"] = value or state["value"]
+            client.set_registered_model_tag(name, key, f"{state['value']}@{time.time():.3f}")
+
+    def others() -> dict[int, str]:
+        now, found = time.time(), {}
+        for tag, value in client.get_registered_model(name).tags.items():
+            held, _, stamp = value.partition("@")
+            if not tag.startswith(GATE_TAG) or tag == key:
+                continue
+            try:
+                if now - float(stamp) <= lease_s:
+                    found[int(tag[len(GATE_TAG) :])] = held
+            except ValueError:  # not a tag of ours: nobody holds it
+                continue
+        return found
+
+    def heartbeat() -> None:
+        while not stop.wait(lease_s / 4):
+            write()
+
+    write()
+    beat = threading.Thread(target=heartbeat, name="knet-gate-lease", daemon=True)
+    beat.start()
+    try:
+        taken = [int(v) for v in others().values() if v != "choosing"]
+        ticket = 1 + max(taken, default=0)
+        write(str(ticket))
+        while True:
+            seen = others()
+            if all(v != "choosing" and (int(v), o) > (ticket, me) for o, v in seen.items()):
+                break
+            time.sleep(0.2)
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        client.delete_registered_model_tag(name, key)
 
 
 def _gate(client, cfg, name, version, metric, scores, timings, settle_s, mlflow) -> dict:
@@ -468,7 +584,28 @@ def _mlflow(tracking_uri: str):
 # ---------------------------------------------------------------------------- lineage
 
 
-def lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Lineage:
+    """``knet lineage``: a registered version back to its run, params, data and commit."""
+
+    uri: str
+    model: str
+    version: int
+    aliases: list[str]
+    run_id: str | None
+    run_name: str | None
+    params_hash: str | None
+    params: dict[str, str]  # the key params of the training run
+    data_hash: str | None  # the DVC hash of the data it was trained on
+    git_commit: str | None
+    git_dirty: str | None
+    validation: str  # the gate's status and reason
+    metrics: dict[str, float]  # the gate's evaluation (version tags metric.*)
+    run_metrics: dict[str, float]  # the training run's last metrics
+    reproduce: list[str]  # the commands that rebuild it
+
+
+def lineage(uri: str, tracking_uri: str) -> Lineage:
     """Version -> run -> params -> data hash -> git commit -> metrics, and how to reproduce."""
     parse_model_uri(uri)
     _check_store_exists(tracking_uri)
@@ -487,30 +624,32 @@ def lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
     ]
     if tags.get("git_dirty") == "true":
         reproduce.insert(1, "# the tree was dirty when it was trained: uncommitted changes")
-    return {
-        "uri": uri,
-        "model": version.name,
-        "version": int(version.version),
-        "aliases": list(version.aliases),
-        "run_id": version.run_id,
-        "run_name": run.info.run_name if run else None,
-        "params_hash": tags.get("params_hash"),
-        "params": {
+    return Lineage(
+        uri=uri,
+        model=version.name,
+        version=int(version.version),
+        aliases=list(version.aliases),
+        run_id=version.run_id,
+        run_name=run.info.run_name if run else None,
+        params_hash=tags.get("params_hash"),
+        params={
             k: params[k]
             for k in ("model.task", "model.num_stages", "model.num_kernels", "train.epochs")
             if k in params
         },
-        "data_hash": tags.get("data_hash"),
-        "git_commit": commit,
-        "git_dirty": tags.get("git_dirty"),
-        "validation": f"{tags.get('validation_status')}: {tags.get('validation_reason')}",
-        "metrics": {k[7:]: float(v) for k, v in tags.items() if k.startswith("metric.")},
-        "run_metrics": dict(run.data.metrics) if run else {},
-        "reproduce": reproduce,
-    }
+        data_hash=tags.get("data_hash"),
+        git_commit=commit,
+        git_dirty=tags.get("git_dirty"),
+        validation=f"{tags.get('validation_status')}: {tags.get('validation_reason')}",
+        metrics={k[7:]: float(v) for k, v in tags.items() if k.startswith("metric.")},
+        run_metrics=dict(run.data.metrics) if run else {},
+        reproduce=reproduce,
+    )
 
 
 __all__ = [
+    "Lineage",
+    "Promotion",
     "RegistryError",
     "lineage",
     "load_model_files",

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +230,32 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def log_output_run(  # 7 parameters: what an output run is (name, kind, source), where, and what
+    cfg: TrackingConfig,
+    run_name: str,
+    kind: str,
+    source: str,
+    parent_run_id: str | None,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[tuple[Path, str]],
+) -> str:
+    """One finished MLflow run for what a model produced (an evaluation, a prediction): its
+    ``metrics``, the ``(file, artifact folder)`` pairs, tags ``knet.kind`` and
+    ``knet.source``; nested under ``parent_run_id`` (the run that trained the model) when that
+    run is in the same store. A failure marks the run FAILED. Returns the run id."""
+    tags = {"knet.source": source, "knet.kind": kind}
+    if parent_run_id and run_exists(cfg, parent_run_id):
+        tags["mlflow.parentRunId"] = parent_run_id
+    tracker = Tracker(cfg, run_name, tags=tags)
+    try:
+        tracker.log_metrics(metrics, step=0)
+        for path, folder in artifacts:
+            tracker.log_artifact(path, folder)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    log.info("%s logged to MLflow run %s (%s)", kind, tracker.run_id, cfg.uri)
+    return tracker.run_id

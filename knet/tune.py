@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from knet.ablation import format_value, hashable, reference_cell, write_reports
+from knet.ablation import check_reports, format_value, hashable, reference_cell, write_reports
 from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
 from knet.data.categories import Categories
 from knet.io import write_json_atomic
@@ -53,11 +53,29 @@ DRIVER_RESOURCES = {"CPU": DRIVER_CPU, "memory": 64 * 2**20}
 HEADLINE = {"panoptic": "val_pq", "instance": "val_ap", "semantic": "val_miou"}
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What ``knet tune`` did: the CLI prints it, the ablate flow and tests read it, and
+    :func:`knet.io.dumps` writes it as JSON."""
+
+    name: str
+    path: str  # the sweep's folder under tune.storage_path (Ray Tune's state, trial records)
+    axes: list[str]  # the swept keys
+    rows: list[dict[str, Any]]  # one per trial: its point, seed, status, metric value, ...
+    reports: dict[str, str]  # csv / md / png -> path
+    best: dict[str, Any] | None  # the best finished trial's row (and checkpoint)
+    metric: str
+    failed: int  # trials that failed or did not finish
+    parent_run_id: str | None
+    restored: bool  # an earlier, interrupted run of the same sweep was continued
+    seconds: float
+
+
 def tune(
     cfg: Config,
     root: str | Path = ".",
     address: str | None = None,
-) -> dict[str, Any]:
+) -> SweepResult:
     """Run (or restore) the ablation sweep of ``cfg.tune``; write and log its reports.
 
     Args:
@@ -66,8 +84,8 @@ def tune(
             with the dashboard on 127.0.0.1:8265.
 
     Returns:
-        name, path, rows (one per trial), reports, best trial, parent MLflow run id, failed
-        trial count, seconds, and whether the sweep was restored.
+        The :class:`SweepResult`: name, path, rows (one per trial), reports, best trial,
+        parent MLflow run id, failed trial count, seconds, and whether it was restored.
     """
     # Concurrent trials print look-alike epoch lines, which Ray's log deduplication would merge
     # (read when ray is first imported).
@@ -130,6 +148,7 @@ def _plan(cfg: Config, root: Path, address: str | None) -> _Sweep:
     grid = grid_points(cfg, axes)
     trial_cfgs = {key: trial_config(cfg, point, Path()) for key, point in grid.items()}
     check_inputs(cfg)
+    check_reports(cfg.tune.report_dir)  # before hours of trials, not after them
     folder = Path(cfg.tune.storage_path) / name
     state = _sweep_state(folder, name, digest, cfg, root)
     connect(address, dashboard=True)
@@ -196,7 +215,7 @@ def _fit(sweep: _Sweep):
     return tuner.fit(), False
 
 
-def _report(sweep: _Sweep, rows: list[dict], restored: bool, seconds: float) -> dict[str, Any]:
+def _report(sweep: _Sweep, rows: list[dict], restored: bool, seconds: float) -> SweepResult:
     """Write the reports, log them to the parent run, and return the sweep's summary."""
     cfg, axes, tags = sweep.cfg, sweep.axes, sweep.state["tags"]
     design = "" if cfg.tune.design == "product" else " (one at a time around the params' values)"
@@ -229,19 +248,19 @@ def _report(sweep: _Sweep, rows: list[dict], restored: bool, seconds: float) -> 
     failed = sum(r["status"] in ("error", "unfinished") for r in rows)
     if sweep.parent:
         _finish_parent(sweep.parent, rows, reports, best, sweep.metric, seconds, failed)
-    return {
-        "name": sweep.name,
-        "path": str(sweep.folder),
-        "axes": list(axes),
-        "rows": rows,
-        "reports": {k: str(v) for k, v in reports.items()},
-        "best": best,
-        "metric": sweep.metric,
-        "failed": failed,
-        "parent_run_id": parent_id,
-        "restored": restored,
-        "seconds": round(seconds, 1),
-    }
+    return SweepResult(
+        name=sweep.name,
+        path=str(sweep.folder),
+        axes=list(axes),
+        rows=rows,
+        reports={k: str(v) for k, v in reports.items()},
+        best=best,
+        metric=sweep.metric,
+        failed=failed,
+        parent_run_id=parent_id,
+        restored=restored,
+        seconds=round(seconds, 1),
+    )
 
 
 # ------------------------------------------------------------------------ the grid

@@ -22,8 +22,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from knet.registry import Promotion
 from knet.tune import command_line_sweep
-from pipelines.guard import check_root, check_tracking_uri
+from pipelines.guard import check_address, check_params, check_root, check_tracking_uri
 from pipelines.tasks import (
     check_services,
     evaluate_model,
@@ -80,7 +81,7 @@ def train_knet(  # 9 parameters: the deployment's parameters (prefect deployment
         predict_images: how many val images get overlay pictures.
     """
     root = check_root(root)  # a caller may not point the worker at another dvc.yaml
-    address = address or None  # deployments pass "" for "start a local instance"
+    address = check_address(address)  # "" (deployments' default): start a local instance
     times: dict[str, float] = {}
     clock = _Clock(times)
     items = _overrides(overrides, epochs, num_stages, num_kernels, tracking_uri)
@@ -88,26 +89,26 @@ def train_knet(  # 9 parameters: the deployment's parameters (prefect deployment
     with clock("train"):
         trained = train_model(cfg, root, address)
     with clock("evaluate"):
-        metrics = evaluate_model(cfg, root, trained["checkpoint"])
+        metrics = evaluate_model(cfg, root, trained.checkpoint)
     with clock("registry"):
-        decision = promote_model(cfg, root, trained["checkpoint"])
-    model_uri = f"models:/{decision['model']}/{decision['challenger']['version']}"
+        decision = promote_model(cfg, root, trained.checkpoint)
+    model_uri = decision.model_uri
     with clock("predict"):
         pictures = predict_samples(cfg, root, model_uri, predict_images)
     summary = {
         "data_hash": data,
-        "run": trained["run_name"],
-        "mlflow_run_id": trained.get("mlflow_run_id"),
-        **_links(cfg, root, trained.get("mlflow_run_id"), decision),
-        "train_s": trained["seconds"],
+        "run": trained.run_name,
+        "mlflow_run_id": trained.mlflow_run_id,
+        **_links(cfg, root, trained.mlflow_run_id, decision),
+        "train_s": trained.seconds,
         "metrics": {k: metrics[k] for k in ("pq", "pq_th", "pq_st", "ap", "miou") if k in metrics},
-        "model": decision["model"],
-        "version": decision["challenger"]["version"],
-        "decision": decision["decision"],
-        "reason": decision["reason"],
-        "champion": decision["champion"],
+        "model": decision.model,
+        "version": decision.version,
+        "decision": decision.decision,
+        "reason": decision.reason,
+        "champion": decision.champion,
         "pictures": pictures["out"],
-        "checkpoint": trained["checkpoint"],
+        "checkpoint": trained.checkpoint,
         "stage_s": {k: round(v, 1) for k, v in times.items()},
     }
     _publish("train-knet-summary", "train-knet", summary)
@@ -115,11 +116,11 @@ def train_knet(  # 9 parameters: the deployment's parameters (prefect deployment
 
 
 @task(name="tune", timeout_seconds=12 * 3600)
-def tune_sweep(cfg, root: str, address: str | None) -> dict[str, Any]:
+def tune_sweep(cfg, root: str, address: str | None):
+    """Ray Tune's sweep (:class:`knet.tune.SweepResult`)."""
     from knet.tune import tune
 
-    summary = tune(cfg, root=root, address=address)
-    return {k: v for k, v in summary.items() if k != "rows"}
+    return tune(cfg, root=root, address=address)
 
 
 @flow(name="ablate-knet", log_prints=True)
@@ -146,7 +147,7 @@ def ablate_knet(  # 10 parameters: the deployment's parameters (prefect deployme
         Other arguments as in :func:`train_knet`.
     """
     root = check_root(root)  # a caller may not point the worker at another dvc.yaml
-    address = address or None  # deployments pass "" for "start a local instance"
+    address = check_address(address)  # "" (deployments' default): start a local instance
     times: dict[str, float] = {}
     clock = _Clock(times)
     items = _overrides(overrides, None, None, None, tracking_uri)
@@ -169,31 +170,31 @@ def ablate_knet(  # 10 parameters: the deployment's parameters (prefect deployme
         sweep = tune_sweep(cfg, root, address)
     summary = {
         "data_hash": data,
-        "sweep": sweep["name"],
-        "metric": sweep["metric"],
-        "failed_trials": sweep["failed"],
-        "reports": sweep["reports"],
-        "parent_run_id": sweep["parent_run_id"],
+        "sweep": sweep.name,
+        "metric": sweep.metric,
+        "failed_trials": sweep.failed,
+        "reports": sweep.reports,
+        "parent_run_id": sweep.parent_run_id,
     }
-    best = sweep["best"]
+    best = sweep.best
     if best:
-        keys = ("trial_id", *sweep["axes"], "num_stages", "num_kernels", "seed", "value")
+        keys = ("trial_id", *sweep.axes, "num_stages", "num_kernels", "seed", "value")
         summary["best"] = {k: best.get(k) for k in keys}
         if register_best and best.get("checkpoint"):
             with clock("registry"):
                 decision = promote_model(cfg, root, best["checkpoint"])
             summary.update(
-                model=decision["model"],
-                version=decision["challenger"]["version"],
-                decision=decision["decision"],
-                reason=decision["reason"],
+                model=decision.model,
+                version=decision.version,
+                decision=decision.decision,
+                reason=decision.reason,
             )
     summary["stage_s"] = {k: round(v, 1) for k, v in times.items()}
     _publish("ablate-knet-summary", "ablate-knet", summary)
     return summary
 
 
-def _links(cfg, root: str, run_id: str | None, decision: dict[str, Any]) -> dict[str, str]:
+def _links(cfg, root: str, run_id: str | None, decision: Promotion) -> dict[str, str]:
     """The MLflow UI pages of the training run and of the registered version."""
     from knet.config import resolve_uri
     from knet.tracking import run_address, ui_address
@@ -201,9 +202,10 @@ def _links(cfg, root: str, run_id: str | None, decision: dict[str, Any]) -> dict
     if not cfg.tracking.enabled:
         return {}
     uri = resolve_uri(cfg.tracking.uri, Path(root).resolve())
-    version = decision["challenger"]["version"]
     links = {
-        "model_version_page": ui_address(uri, f"models/{decision['model']}/versions/{version}")
+        "model_version_page": ui_address(
+            uri, f"models/{decision.model}/versions/{decision.version}"
+        )
     }
     if run_id:
         links["mlflow_run_page"] = run_address(uri, run_id)
@@ -216,7 +218,7 @@ def _prepare(params: str, items: list[str], root: str, address: str | None, cloc
     Returns the config and the prepared data's DVC hash.
     """
     with clock("params"):
-        cfg = load_params(str(Path(root) / params), items)
+        cfg = load_params(str(check_params(params, root)), items)
         if cfg.tracking.enabled:  # tracking_uri, overrides and the params file all end here
             check_tracking_uri(cfg.tracking.uri, root)
     with clock("services"):

@@ -9,6 +9,12 @@ checked against what the deployment configured before anything runs:
 - ``root`` must be the worker's project: ``KNET_ROOT`` (what ``prefect.yaml`` deploys with),
   the working directory the worker runs the flow in, or a folder listed in
   ``KNET_FLOW_ROOTS`` (``os.pathsep``-separated).
+- ``params`` (the params file) must lie inside ``root``.
+- ``address`` (a Ray cluster: the worker sends it its jobs and, with token auth, its
+  ``RAY_AUTH_TOKEN``) must be empty (a local instance), ``auto`` (the cluster the worker
+  belongs to), on 127.0.0.1 / localhost, the deployment's own (``RAY_ADDRESS``,
+  ``KNET_RAY_ADDRESS``), or listed in
+  ``KNET_FLOW_RAY_ADDRESSES`` (comma-separated).
 - the tracking URI must be local (a ``sqlite:`` or file store inside ``root``, or a server on
   127.0.0.1 / localhost), the deployment's own (``KNET_TRACKING_URI``,
   ``MLFLOW_TRACKING_URI``), or listed in ``KNET_FLOW_TRACKING_URIS`` (comma-separated).
@@ -22,6 +28,7 @@ from urllib.parse import urlparse
 
 ROOTS_VAR = "KNET_FLOW_ROOTS"
 TRACKING_VAR = "KNET_FLOW_TRACKING_URIS"
+ADDRESSES_VAR = "KNET_FLOW_RAY_ADDRESSES"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -47,6 +54,37 @@ def check_root(root: str | Path) -> str:
             f"in those (add folders to {ROOTS_VAR}, separated by {os.pathsep!r})"
         )
     return str(resolved)
+
+
+def check_params(params: str | Path, root: str | Path) -> Path:
+    """The params file inside ``root``, or :class:`FlowInputError` naming it."""
+    resolved = (Path(root) / params).resolve()
+    if not resolved.is_relative_to(Path(root).resolve()):
+        raise FlowInputError(
+            f"params={str(params)!r} is outside the project {root}; a flow reads only a "
+            f"params file of its project"
+        )
+    return resolved
+
+
+def check_address(address: str | None) -> str | None:
+    """``address`` if a flow may send its Ray jobs there, else :class:`FlowInputError`."""
+    if not address or address == "auto":
+        return address or None
+    host = urlparse(address if "://" in address else f"ray://{address}").hostname
+    configured = [
+        os.environ.get("RAY_ADDRESS", ""),
+        os.environ.get("KNET_RAY_ADDRESS", ""),  # what the k8s deployment passes (config.yaml)
+        *os.environ.get(ADDRESSES_VAR, "").split(","),
+    ]
+    if host in LOCAL_HOSTS or address in {a.strip() for a in configured if a.strip()}:
+        return address
+    raise FlowInputError(
+        f"address={address!r} is not allowed: a flow sends its Ray jobs (and token) only to "
+        f"a local instance, 'auto', a cluster on 127.0.0.1, RAY_ADDRESS / KNET_RAY_ADDRESS, "
+        f"or an address listed "
+        f"in {ADDRESSES_VAR}"
+    )
 
 
 def _local(uri: str, root: Path) -> bool:

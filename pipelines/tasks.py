@@ -17,8 +17,9 @@ from typing import Any
 from prefect import task
 
 from knet.config import Config, load_config
+from knet.registry import Promotion
 from knet.tracking import TrackingUnreachableError
-from knet.training import ServiceUnreachableError
+from knet.training import ServiceUnreachableError, TrainResult
 
 TRANSIENT = (ServiceUnreachableError, TrackingUnreachableError, ConnectionError, TimeoutError)
 BACKOFF_S = [2, 10, 30]
@@ -103,7 +104,7 @@ def prepare_data(root: str) -> str:
 
 
 @_retrying(name="train", timeout_seconds=6 * 3600)
-def train_model(cfg: Config, root: str, address: str | None) -> dict[str, Any]:
+def train_model(cfg: Config, root: str, address: str | None) -> TrainResult:
     from knet.training import train
 
     return train(cfg, root=root, address=address)
@@ -131,7 +132,7 @@ def evaluate_model(cfg: Config, root: str, checkpoint: str) -> dict[str, float]:
 
 
 @_retrying(name="promote", timeout_seconds=3600, log_prints=False)
-def promote_model(cfg: Config, root: str, checkpoint: str) -> dict[str, Any]:
+def promote_model(cfg: Config, root: str, checkpoint: str) -> Promotion:
     from knet.registry import promote
 
     return promote(cfg, root=root, checkpoint=checkpoint)
@@ -139,18 +140,21 @@ def promote_model(cfg: Config, root: str, checkpoint: str) -> dict[str, Any]:
 
 @task(name="predict", timeout_seconds=1800)
 def predict_samples(cfg: Config, root: str, model_uri: str, images: int) -> dict[str, Any]:
-    """Overlay PNGs and segment JSONs for the first ``images`` val images, from the registry."""
-    from knet.config import resolve_uri
-    from knet.predict import expand_inputs, predict_checkpoint
+    """Overlay PNGs and segment JSONs for the first ``images`` val images, from the registry;
+    with tracking on, also an MLflow run under the version's training run."""
+    from knet.predict import expand_inputs, log_prediction, predict_checkpoint
     from knet.registry import load_registered
 
     absolute = _absolute(cfg, root)
-    loaded = load_registered(model_uri, resolve_uri(cfg.tracking.uri, Path(root).resolve()))
+    *loaded, version = load_registered(model_uri, absolute.tracking.uri)
     val = Path(absolute.data.raw) / absolute.data.images.format(split=absolute.data.val_split)
     inputs = expand_inputs([val])[:images]
     out = Path(root) / "outputs" / "predict"
-    summary = predict_checkpoint(inputs, None, out, progress=False, loaded=loaded[:3])
-    return {"out": str(out), "written": summary.written, "failed": summary.failed}
+    summary = predict_checkpoint(inputs, None, out, progress=False, loaded=loaded, track=False)
+    run_id = None
+    if absolute.tracking.enabled and summary.written:  # the project's store, not the worker's
+        run_id = log_prediction(absolute.tracking, model_uri, summary, version.run_id)
+    return {"out": str(out), "written": summary.written, "failed": summary.failed, "run_id": run_id}
 
 
 def _absolute(cfg: Config, root: str) -> Config:

@@ -137,12 +137,17 @@ def venv_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+# The ablation sweep's own pipeline (a plain `dvc repro` / `dvc exp run` does not start it).
+ABLATION_DVC_YAML = "pipelines/ablation/dvc.yaml"
+
+
 def make_dvc_repo(tmp: Path, **synth: int) -> Path:
     """A git + DVC repository at ``tmp/repo`` with the project's pipeline and code, and the
     synthetic dataset's params changed to ``synth`` (image_size, train_images, ...)."""
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ABLATION_DVC_YAML):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "knet", repo / "knet", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -45,7 +45,7 @@ def test_the_registered_model_page_shows_versions_aliases_and_lineage(tmp_path):
         checkpoint = untrained_checkpoint(cfg, tmp_path / "model.pt")
         first = promote(cfg, root=tmp_path, checkpoint=checkpoint, settle_s=0.05)
         second = promote(cfg, root=tmp_path, checkpoint=checkpoint, settle_s=0.05)
-        assert (first["champion"], second["decision"]) == (1, "rejected")
+        assert (first.champion, second.decision) == (1, "rejected")
 
         page = f"{uri}/#/models/knet-panoptic"
         dom = chromium("--dump-dom", page)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,56 @@ def test_predict_takes_set_like_every_command(tmp_path):
     assert main([*argv, str(image)]) == 0
     assert (tmp_path / "out" / "photo.json").is_file()
     assert main(["predict", "--checkpoint", str(checkpoint), "--set", "data.test_size=64"]) == 2
+
+
+def test_the_readme_and_docs_state_the_hostile_suites_real_size():
+    """The README's count of hostile inputs is the number pytest collects, not a stale one."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_hostile.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout
+    count = int(re.search(r"(\d+) tests? collected", collected).group(1))
+    readme = (root / "README.md").read_text()
+    data = (root / "docs" / "data.md").read_text()
+    assert f"`tests/test_hostile.py`: {count} hostile inputs" in readme
+    assert f"**{count} hostile-input cases**" in data
+
+
+def test_every_stage_returns_a_frozen_dataclass_that_serializes_as_json():
+    """prepare, train, evaluate, tune, promote, lineage and predict return typed, frozen
+    results (the CLI, the flows and the tests read attributes, not string keys); the one
+    serializer, knet.io.dumps, writes any of them as strict JSON."""
+    import dataclasses
+    import json
+    import typing
+
+    from knet.data.prepare import prepare
+    from knet.evaluate import evaluate_checkpoint
+    from knet.io import dumps
+    from knet.predict import predict_checkpoint
+    from knet.registry import Promotion, lineage, promote
+    from knet.training import train
+    from knet.tune import tune
+
+    stages = [prepare, train, evaluate_checkpoint, tune, promote, lineage, predict_checkpoint]
+    for stage in stages:
+        result = typing.get_type_hints(stage)["return"]
+        assert dataclasses.is_dataclass(result), stage.__name__
+        assert result.__dataclass_params__.frozen, stage.__name__
+
+    record = Promotion(
+        model="knet-panoptic", metric="pq", min_improvement=0.1, decision="promoted",
+        reason="first", challenger={"version": 2, "pq": float("nan"), "source": Path("a.pt")},
+        champion_before=None, champion=2, split="val", evaluated_on="abc", timings={},
+    )  # fmt: skip
+    assert record.version == 2 and record.model_uri == "models:/knet-panoptic/2"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.champion = 3
+    data = json.loads(dumps(record))
+    assert data["challenger"] == {"version": 2, "pq": None, "source": "a.pt"}
+    assert list(data) == [f.name for f in dataclasses.fields(Promotion)]

@@ -1,5 +1,5 @@
-"""The DVC pipeline (synth, prepare, train, evaluate, ablate), run by real DVC in a temporary
-git repository."""
+"""The DVC pipelines (synth, prepare, train, evaluate in dvc.yaml; the ablation sweep in its
+own pipelines/ablation/dvc.yaml), run by real DVC in a temporary git repository."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_dvc_repo, venv_env
+from tests.conftest import ABLATION_DVC_YAML, make_dvc_repo, venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,11 @@ def test_repro_runs_skips_and_reruns_on_param_change(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     full = run(["dvc", "repro"], repo)
     assert "Running stage 'train'" in full and "Running stage 'evaluate'" in full
-    assert "Running stage 'ablate'" in full
+    assert "ablate'" not in full  # the sweep is a pipeline of its own
+    assert not (repo / "reports" / "ablation.md").exists()
+    sweep = run(["dvc", "repro", ABLATION_DVC_YAML], repo)
+    assert f"Running stage '{ABLATION_DVC_YAML}:ablate'" in sweep
+    assert "Running stage 'train'" not in sweep
     shown = run(["dvc", "metrics", "show"], repo)
     assert "metrics/eval.json" in shown and "metrics/train.json" in shown
     assert (repo / "metrics" / "eval_per_class.csv").exists()
@@ -72,6 +76,8 @@ def test_repro_runs_skips_and_reruns_on_param_change(tmp_path):
     assert (repo / "reports" / "ablation.png").exists()
     assert "| rounds \\ kernels | 4 | 8 |" in (repo / "reports" / "ablation.md").read_text()
     assert "Running stage" not in run(["dvc", "repro"], repo)
+    assert "Running stage" not in run(["dvc", "repro", ABLATION_DVC_YAML], repo)
+    assert (repo / "pipelines" / "ablation" / "dvc.lock").exists()
 
 
 # Each stage: the module its command runs (its knet imports are the stage's code deps).
@@ -94,6 +100,14 @@ print(json.dumps(sorted(
 """
 
 
+def _stages() -> dict:
+    """Every stage of the project's two pipelines (dvc.yaml and the ablation's own)."""
+    stages = {}
+    for name in ("dvc.yaml", ABLATION_DVC_YAML):
+        stages.update(yaml.safe_load((ROOT / name).read_text())["stages"])
+    return stages
+
+
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
 def test_stage_deps_are_the_modules_the_stage_runs(stage):
     """An edit of a module a stage does not run (the registry, the CLI, the flows) leaves the
@@ -101,7 +115,7 @@ def test_stage_deps_are_the_modules_the_stage_runs(stage):
     import json
     import sys
 
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    deps = _stages()[stage]["deps"]
     code = [d for d in deps if d.startswith(("knet", "pipelines"))]
     out = subprocess.run(
         [sys.executable, "-c", IMPORTED_FILES, STAGE_ENTRY[stage]],
@@ -125,9 +139,9 @@ def test_metrics_and_plots_are_defined_once_and_cached():
     """`dvc exp show` reads cached metrics of every experiment; a git-ignored `cache: false`
     metric showed `!`. The training history is one plot (the top-level definition)."""
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    text = (ROOT / "dvc.yaml").read_text()
-    assert "cache: false" not in text
-    stage_plots = [p for s in pipeline["stages"].values() for p in s.get("plots", [])]
+    for name in ("dvc.yaml", ABLATION_DVC_YAML):
+        assert "cache: false" not in (ROOT / name).read_text()
+    stage_plots = [p for s in _stages().values() for p in s.get("plots", [])]
     named = [next(iter(p)) if isinstance(p, dict) else p for p in stage_plots]
     top = [next(iter(p)) for p in pipeline["plots"]]
     assert not set(named) & set(top)
@@ -150,13 +164,15 @@ def test_two_experiments_read_back_with_exp_show(tmp_path):
     run(["git", "commit", "-qm", "baseline"], repo)
 
     for name, stages in (("one-round", 1), ("two-rounds", 2)):
-        cmd = ["dvc", "exp", "run", "-n", name, "evaluate", "-S", f"model.num_stages={stages}"]
+        # A plain `dvc exp run` (no target): the project's dvc.yaml, not the ablation sweep.
+        cmd = ["dvc", "exp", "run", "-n", name, "-S", f"model.num_stages={stages}"]
         out = run(cmd, repo)
-        assert "Running stage 'train'" in out and "Running stage 'ablate'" not in out
+        assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+        assert "ablate'" not in out
 
     # A queued experiment runs in DVC's temporary workspace (.dvc/tmp/exps/...).
     run(
-        ["dvc", "exp", "run", "--queue", "-n", "queued", "evaluate", "-S", "model.num_stages=3"],
+        ["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "model.num_stages=3"],
         repo,
     )
     run(["dvc", "queue", "start"], repo)

@@ -75,11 +75,8 @@ def trained(tmp_path_factory):
     return {"tmp": tmp, "cfg": cfg, "checkpoint": checkpoint, "params": params, "model": model}
 
 
-def test_an_evaluation_is_an_mlflow_run_under_its_training_run(trained, tmp_path):
-    """Metrics, the metrics file, the per-class CSV and the pictures reach MLflow, nested
-    under the run that trained the checkpoint."""
-    import mlflow
-
+def _tracked_checkpoint(trained, tmp_path: Path):
+    """A finished MLflow training run and the trained checkpoint saved as written by it."""
     from knet.tracking import Tracker
 
     cfg = trained["cfg"]
@@ -88,7 +85,17 @@ def test_an_evaluation_is_an_mlflow_run_under_its_training_run(trained, tmp_path
     model, _, categories = load_model(trained["checkpoint"])
     checkpoint = tmp_path / "tracked.pt"
     save_checkpoint(checkpoint, model, cfg, categories, epoch=3, mlflow_run_id=parent.run_id)
-    metrics = evaluate_checkpoint(
+    return parent, checkpoint
+
+
+def test_an_evaluation_is_an_mlflow_run_under_its_training_run(trained, tmp_path):
+    """Metrics, the metrics file, the per-class CSV and the pictures reach MLflow, nested
+    under the run that trained the checkpoint."""
+    import mlflow
+
+    cfg = trained["cfg"]
+    parent, checkpoint = _tracked_checkpoint(trained, tmp_path)
+    evaluation = evaluate_checkpoint(
         checkpoint,
         trained["params"],
         out=tmp_path / "eval",
@@ -96,17 +103,49 @@ def test_an_evaluation_is_an_mlflow_run_under_its_training_run(trained, tmp_path
         kernel_maps=True,
         progress=False,
     )
+    metrics = evaluation.metrics
     client = mlflow.MlflowClient(cfg.tracking.uri)
     (run,) = client.search_runs(
         [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
     )
     assert run.info.run_name == "evaluate-tracked" and run.data.tags["knet.kind"] == "evaluation"
+    assert evaluation.run_id == run.info.run_id  # the stage's result names its run
     assert run.data.metrics["miou"] == pytest.approx(metrics["miou"])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/eval.json", "evaluation/eval_per_class.csv"} <= names
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/pictures")}
     assert "evaluation/pictures/kernel_maps.png" in pictures
+
+
+def test_a_prediction_is_an_mlflow_run_under_its_training_run(trained, tmp_path):
+    """`knet predict`'s overlays and segment JSONs reach MLflow, nested under the run that
+    trained the checkpoint; with tracking off, no run is made."""
+    import mlflow
+
+    cfg = trained["cfg"]
+    parent, checkpoint = _tracked_checkpoint(trained, tmp_path)
+    images = sorted((trained["tmp"] / "raw" / "val").glob("*.png"))[:3]
+    summary = predict_checkpoint(images, checkpoint, tmp_path / "pred", progress=False)
+    assert summary.run_id and len(summary.written) == 3
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.run_name == "predict-tracked" and run.data.tags["knet.kind"] == "prediction"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.metrics == {"images_written": 3.0, "images_failed": 0.0}
+    overlays = {a.path for a in client.list_artifacts(summary.run_id, "prediction/overlays")}
+    segments = {a.path for a in client.list_artifacts(summary.run_id, "prediction/segments")}
+    assert overlays == {f"prediction/overlays/{p.stem}.png" for p in images}
+    assert segments == {f"prediction/segments/{p.stem}.json" for p in images}
+
+    untracked = predict_checkpoint(
+        images[:1],
+        checkpoint,
+        tmp_path / "pred2",
+        overrides=["tracking.enabled=false"],
+        progress=False,
+    )
+    assert untracked.run_id is None and len(untracked.written) == 1
 
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_the_file(trained):
@@ -142,7 +181,7 @@ def test_evaluate_writes_metrics_per_class_csv_and_valid_prediction_files(traine
         metrics_file=metrics_file,
         kernel_maps=True,
         progress=False,
-    )
+    ).metrics
     for key in ("pq", "pq_th", "pq_st", "sq", "rq", "ap", "ap50", "ap75", "miou", "acc"):
         assert key in metrics
         assert np.isnan(metrics[key]) or 0.0 <= metrics[key] <= 100.0
@@ -231,6 +270,26 @@ def test_predict_writes_overlays_and_json_and_reports_unreadable_images(trained,
                 "ground",
                 "water",
             }
+
+
+def test_an_image_over_max_pixels_is_predicted_at_a_bounded_size(trained, tmp_path):
+    """model.postprocess.max_pixels bounds predict's memory: a larger image is predicted at
+    the largest size under it, and its JSON says the scale."""
+    from knet.predict import fit_pixels
+
+    small = np.asarray(Image.open(sorted((trained["tmp"] / "raw" / "val").glob("*.png"))[0]))
+    big = tmp_path / "big.png"
+    Image.fromarray(small).resize((128, 96)).save(big)
+    summary = predict_checkpoint(
+        [big], trained["checkpoint"], tmp_path / "pred",
+        overrides=["model.postprocess.max_pixels=4096", "tracking.enabled=false"],
+        progress=False,
+    )  # fmt: skip
+    assert summary.failed == [] and len(summary.written) == 1
+    data = json.loads((tmp_path / "pred" / "big.json").read_text())
+    assert (data["width"], data["height"]) == (73, 55) and data["width"] * data["height"] <= 4096
+    assert data["scale"] == pytest.approx(73 / 128)
+    assert fit_pixels(small, 4096)[1] == 1.0 and fit_pixels(small, 4096)[0] is small
 
 
 def test_cli_evaluate_and_predict(trained, tmp_path):

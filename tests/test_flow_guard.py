@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.guard import FlowInputError, check_root, check_tracking_uri
+from pipelines.guard import (
+    FlowInputError,
+    check_address,
+    check_params,
+    check_root,
+    check_tracking_uri,
+)
 
 
 @pytest.fixture
@@ -91,10 +97,46 @@ def test_a_flow_refuses_a_foreign_root_and_tracking_uri_before_running(project, 
         assert state.is_failed()
         with pytest.raises(FlowInputError, match="not this deployment's project"):
             state.result()
-        params = str(Path(__file__).resolve().parents[1] / "params.yaml")
-        state = train_knet(
-            params=params, tracking_uri="http://attacker.example:5000", return_state=True
-        )
+        params = Path(__file__).resolve().parents[1] / "params.yaml"
+        state = train_knet(params=str(params), return_state=True)  # another project's file
+        with pytest.raises(FlowInputError, match="is outside the project"):
+            state.result()
+        (project / "params.yaml").write_text(params.read_text())
+        state = train_knet(tracking_uri="http://attacker.example:5000", return_state=True)
         with pytest.raises(FlowInputError, match="attacker.example.*is not allowed"):
             state.result()
+        state = train_knet(address="10.0.0.9:6379", return_state=True)
+        with pytest.raises(FlowInputError, match="address='10.0.0.9:6379' is not allowed"):
+            state.result()
     assert sorted(p.name for p in foreign.iterdir()) == ["dvc.yaml"]
+
+
+@pytest.mark.parametrize("address", ["", None, "auto", "127.0.0.1:6379", "localhost:6379",
+                                     "ray://127.0.0.1:10001"])  # fmt: skip
+def test_local_ray_addresses_pass(project, monkeypatch, address):
+    for var in ("RAY_ADDRESS", "KNET_RAY_ADDRESS", "KNET_FLOW_RAY_ADDRESSES"):
+        monkeypatch.delenv(var, raising=False)
+    assert check_address(address) == (address or None)
+
+
+def test_a_foreign_ray_address_is_refused_unless_the_deployment_names_it(project, monkeypatch):
+    """The worker's jobs and Ray token go only where the deployment says."""
+    for var in ("RAY_ADDRESS", "KNET_RAY_ADDRESS", "KNET_FLOW_RAY_ADDRESSES"):
+        monkeypatch.delenv(var, raising=False)
+    for address in ("10.0.0.9:6379", "ray://attacker.example:10001"):
+        with pytest.raises(FlowInputError, match=f"address='{address}' is not allowed"):
+            check_address(address)
+    monkeypatch.setenv("KNET_FLOW_RAY_ADDRESSES", "10.0.0.9:6379")
+    assert check_address("10.0.0.9:6379") == "10.0.0.9:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.internal:10001")
+    assert check_address("ray://head.internal:10001") == "ray://head.internal:10001"
+    monkeypatch.setenv("KNET_RAY_ADDRESS", "knet-head-svc.knet.svc:6379")  # infra/k8s
+    assert check_address("knet-head-svc.knet.svc:6379") == "knet-head-svc.knet.svc:6379"
+
+
+def test_the_params_file_must_be_inside_the_project(project):
+    (project / "params.yaml").write_text("{}\n")
+    assert check_params("params.yaml", project) == project / "params.yaml"
+    for outside in ("/etc/passwd", "../params.yaml"):
+        with pytest.raises(FlowInputError, match="is outside the project"):
+            check_params(outside, project)

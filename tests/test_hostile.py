@@ -276,6 +276,7 @@ OVERRIDES = [
     ("train.placement_timeout_s=0", ["train.placement_timeout_s must be between 1"]),
     ("train.seed=2147483648", ["train.seed must be between 0 and 2147483647"]),
     ("data.synth.image_size=0", ["data.synth.image_size must be between 32 and 4096"]),
+    ("data.synth.seed=-1", ["data.synth.seed must be between 0 and 4294967295"]),
     ("data.max_size=0", ["data.max_size must be between 16"]),
     ("data.size_divisor=0", ["data.size_divisor must be between 1 and 1024"]),
     ("data.test_size=-64", ["data.test_size must be between 16"]),
@@ -633,6 +634,15 @@ def test_lenient_prepare_with_every_image_broken_publishes_nothing(capsys, world
     refused(capsys, [case, world["tmp"]], argv, 1, ["split 'train'", "has no usable images"])
 
 
+def test_lenient_prepare_with_the_annotation_json_a_folder(capsys, world, case, raw_copy):
+    """--lenient skips bad items, not a missing annotation file: one line naming it."""
+    (raw_copy / ANN).unlink()
+    (raw_copy / ANN).mkdir()
+    argv = ["data", "prepare", "--quiet", "--lenient", "--params", world["params"]]
+    argv += ["--out", case / "p", "--set", f"data.raw={raw_copy}"]
+    refused(capsys, [case, world["tmp"]], argv, 1, [str(raw_copy / ANN)])
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs that are not knet's: refused and left byte-identical
 # --------------------------------------------------------------------------------------------
@@ -740,7 +750,13 @@ OUTPUTS = [
         "evaluate-metrics-a-folder",
         lambda t: _foreign(t / "metrics.json"),
         lambda w, p: ["evaluate", "--checkpoint", w["checkpoint"], "--metrics", p],
-        ["metrics file", "is a folder"],
+        ["output", "is a folder; give a file path"],
+    ),
+    (
+        "evaluate-metrics-a-users-file",
+        lambda t: _file(t / "mine.json"),
+        lambda w, p: ["evaluate", "--checkpoint", w["checkpoint"], "--metrics", p],
+        ["already exists and knet did not write it as metrics output"],
     ),
     (
         "train-output-a-foreign-file",
@@ -913,6 +929,25 @@ def test_bad_checkpoint(capsys, world, case, command, write, code, needles):
         argv = ["predict", world["images"][0], "--quiet", "--checkpoint", path]
         argv += ["--out", case / "pred"]
     refused(capsys, [case, world["tmp"]], argv, code, [str(path), *needles])
+
+
+@pytest.mark.parametrize("task", ["instance", "semantic"])
+def test_a_checkpoint_of_another_task_is_refused_for_results_it_cannot_give(
+    capsys, world, case, task
+):
+    """An instance or semantic model asked for panoptic results: one line naming the model's
+    task and what it gives, nothing written."""
+    import dataclasses
+
+    from knet.config import load_config
+    from tests.test_train import untrained_checkpoint
+
+    cfg = load_config(world["params"])
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task=task))
+    path = untrained_checkpoint(other, case / f"{task}.pt")
+    argv = ["predict", world["images"][0], "--quiet", "--checkpoint", path, "--task", "panoptic"]
+    refused(capsys, [case, world["tmp"]], [*argv, "--out", case / "pred"], 2,
+            [f"a {task} model cannot give panoptic results"])  # fmt: skip
 
 
 def test_evaluate_checkpoint_default_from_params_missing(capsys, world, case):
@@ -1106,19 +1141,19 @@ FLAGS = [
     (
         "evaluate-index-not-json",
         lambda w, t: [*_eval(w, t), "--set", f"data.prepared={_index(t, '{nope')}"],
-        2,
+        1,  # the data is at fault, not the command
         ["prep/val/index.json is not a readable prepared index"],
     ),
     (
         "evaluate-index-a-list",
         lambda w, t: [*_eval(w, t), "--set", f"data.prepared={_index(t, '[]')}"],
-        2,
+        1,  # the data is at fault, not the command
         ["prep/val/index.json is not a prepared index"],
     ),
     (
         "evaluate-index-a-folder",
         lambda w, t: [*_eval(w, t), "--set", f"data.prepared={_index(t, None)}"],
-        2,
+        1,  # the data is at fault, not the command
         ["prep/val/index.json is not a readable prepared index"],
     ),
 ]

@@ -35,14 +35,16 @@ def _loopback(address: str) -> bool:
 
 
 @pytest.mark.ray
-def test_the_local_instance_listens_only_on_loopback():
+@pytest.mark.parametrize("dashboard", [False, True], ids=["train", "tune-with-dashboard"])
+def test_the_local_instance_listens_only_on_loopback(dashboard):
+    """knet train's instance, and knet tune's with the dashboard and its agents."""
     import ray
 
     from knet.training import connect
 
     if ray.is_initialized():
         ray.shutdown()
-    connect(None)
+    connect(None, dashboard=dashboard)
     try:
         node = ray._private.worker._global_node
         pids = {p.process.pid for procs in node.all_processes.values() for p in procs}

@@ -212,3 +212,82 @@ def test_json_outputs_are_valid_json_with_null_for_nan(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"ap": None, "pq": 1.5, "h": [None, {"x": 2.0}]}
+
+
+def test_single_file_outputs_replace_only_what_knet_wrote(tmp_path):
+    """The rule of shared folders (metrics/, reports/): a file knet wrote as that kind is
+    replaced; a file of the user's, a folder or a link is refused; nothing is touched."""
+    from knet.io import LEDGER, check_output_file, write_output_file
+
+    folder = tmp_path / "metrics"
+    write_output_file(folder / "eval.json", "{}", "metrics")
+    write_output_file(folder / "eval.json", '{"pq": 1}', "metrics")  # its own: replaced
+    assert (folder / "eval.json").read_text() == '{"pq": 1}'
+    assert json.loads((folder / LEDGER).read_text()) == {"eval.json": "metrics"}
+    (folder / "mine.json").write_text("my numbers\n")
+    (folder / "dir.json").mkdir()
+    (folder / "link.json").symlink_to(folder / "mine.json")
+    before = snapshot(tmp_path)
+    for name, needle in (
+        ("mine.json", "already exists and knet did not write it as metrics output"),
+        ("dir.json", "is a folder"),
+        ("link.json", "is a symbolic link"),
+    ):
+        with pytest.raises(OutputExistsError, match=needle):
+            write_output_file(folder / name, "{}", "metrics")
+    with pytest.raises(OutputExistsError, match="did not write it as promotion output"):
+        check_output_file(folder / "eval.json", "promotion")  # knet's, but another kind
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def prepared(project: Path) -> Path:
+    for command in (["data", "synth", "--quiet"], ["data", "prepare", "--quiet"]):
+        out = knet(project, *command)
+        assert out.returncode == 0, out.stderr
+    return project
+
+
+def test_commands_never_write_a_metrics_or_report_file_over_the_users(prepared):
+    """train.metrics, evaluate --metrics (and its per-class CSV), registry.output and the
+    ablation reports: a file of the user's at that path is refused before any work."""
+    project = prepared
+    model = project / "outputs" / "train" / "model.pt"
+    model.parent.mkdir(parents=True)
+    _tiny_checkpoint(model)
+    (project / "metrics").mkdir()
+    (project / "metrics" / "mine.json").write_text('{"my": "numbers"}\n')
+    (project / "metrics" / "other_per_class.csv").write_text("mine\n")
+    (project / "reports").mkdir()
+    (project / "reports" / "ablation.md").write_text("# my own ablation notes\n")
+    before = snapshot(project)
+    cases = [
+        (["train", "--set", "train.metrics=metrics/mine.json", "tracking.enabled=false"],
+         "metrics/mine.json"),
+        (["evaluate", "--quiet", "--metrics", "metrics/mine.json"], "metrics/mine.json"),
+        (["evaluate", "--quiet", "--metrics", "metrics/other.json"],
+         "metrics/other_per_class.csv"),  # other.json's per-class CSV is the user's file
+        (["promote", "--set", "registry.output=metrics/mine.json"], "metrics/mine.json"),
+        (["tune", "--set", "tracking.enabled=false"], "reports/ablation.md"),
+    ]  # fmt: skip
+    for args, what in cases:
+        out = knet(project, *args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "already exists and knet did not write it" in out.stderr, (args, out.stderr)
+        assert what in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert snapshot(project) == before, args
+
+
+def test_lenient_prepare_of_a_dataset_without_categories_publishes_nothing(prepared):
+    """`--lenient` skips bad items but never publishes a dataset without categories over a
+    good one."""
+    ann = prepared / "data" / "raw" / "synth" / "annotations" / "panoptic_train.json"
+    data = json.loads(ann.read_text())
+    data["categories"] = []
+    ann.write_text(json.dumps(data))
+    before = snapshot(prepared)
+    out = knet(prepared, "data", "prepare", "--quiet", "--lenient")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "knet: prepare refused" in out.stderr and "nothing was written" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert snapshot(prepared) == before

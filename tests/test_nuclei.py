@@ -65,7 +65,7 @@ def test_the_tiles_hold_the_hand_made_masks_and_val_is_held_out(nuclei_data):
         report = validate_split(dataset_paths(cfg.data, split), cfg.data.format)
         assert report.ok and not report.problems, report.problems[:3]
     # The val split has the 41 visible pieces of the nuclei in the bottom 128 rows.
-    assert prepare(cfg.data, progress=False)["splits"]["val"]["segments"] == 41
+    assert prepare(cfg.data, progress=False).splits["val"]["segments"] == 41
 
 
 @needs_package
@@ -108,5 +108,5 @@ def test_knet_learns_the_nuclei_from_scratch(nuclei_data, tmp_path):
         f"train.storage_path={tmp_path / 'ray'}",
     )
     prepare(cfg.data, progress=False)
-    final = train(cfg, root=tmp_path)["final"]
+    final = train(cfg, root=tmp_path).final
     assert final["val_ap50"] >= 10.0, final

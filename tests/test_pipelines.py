@@ -125,9 +125,10 @@ def test_a_bad_params_key_fails_fast_without_retries(harness, tmp_path, monkeypa
     from pipelines.flows import train_knet
 
     monkeypatch.setenv("KNET_FLOW_ROOTS", str(tmp_path))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     state = train_knet(
         root=str(tmp_path),
-        params=str(ROOT / "params.yaml"),
+        params="params.yaml",  # the project's own (a file outside it is refused)
         overrides=["model.num_stagse=4"],
         return_state=True,
     )

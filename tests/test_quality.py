@@ -69,7 +69,7 @@ def test_quality_canary_the_default_learns_things_and_stuff(default_data, tmp_pa
     """About 95 s on 2 cores: data (5 s), 4 epochs in-process, one validation."""
     seed = CANARY_SEED
     cfg = load_config(ROOT / "params.yaml", canary_overrides(default_data, tmp_path, seed))
-    final = train(cfg, root=tmp_path)["final"]
+    final = train(cfg, root=tmp_path).final
     shown = {k: round(final[k], 1) for k in ("val_pq", "val_pq_th", "val_pq_st", "val_ap")}
     for key, floor in CANARY_FLOORS.items():
         assert final[key] >= floor, f"seed {seed}: {key} {final[key]:.1f} < floor {floor}: {shown}"

@@ -76,17 +76,17 @@ def test_first_champion_worse_rejected_better_promoted(models, tmp_path):
     data, paths = models
     cfg = store_config(data, tmp_path)
     first = promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
-    assert first["decision"] == "promoted" and first["champion"] == 1
-    assert "first valid model" in first["reason"]
+    assert first.decision == "promoted" and first.champion == 1
+    assert "first valid model" in first.reason
     assert json.loads((tmp_path / "promotion.json").read_text())["champion"] == 1
 
     worse = promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
-    assert worse["decision"] == "rejected" and worse["champion"] == 1
-    assert worse["challenger"]["miou"] < worse["champion_before"]["miou"]
+    assert worse.decision == "rejected" and worse.champion == 1
+    assert worse.challenger["miou"] < worse.champion_before["miou"]
 
     better = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
-    assert better["decision"] == "promoted" and better["champion"] == 3, better
-    assert better["challenger"]["miou"] >= better["champion_before"]["miou"] + 1.0
+    assert better.decision == "promoted" and better.champion == 3, better
+    assert better.challenger["miou"] >= better.champion_before["miou"] + 1.0
 
     client = mlflow.MlflowClient(cfg.tracking.uri)
     aliases = dict(client.get_registered_model("knet-panoptic").aliases)
@@ -105,8 +105,8 @@ def test_first_champion_worse_rejected_better_promoted(models, tmp_path):
     assert len(client.search_model_versions("name='knet-panoptic'")) == 3  # nothing deleted
 
     info = lineage("models:/knet-panoptic@champion", cfg.tracking.uri)
-    assert info["version"] == 3 and info["run_id"] and info["data_hash"] == promoted["data_hash"]
-    assert info["reproduce"][0] == f"git checkout {promoted['git_commit']}"
+    assert info.version == 3 and info.run_id and info.data_hash == promoted["data_hash"]
+    assert info.reproduce[0] == f"git checkout {promoted['git_commit']}"
 
 
 def test_registered_model_loads_by_alias_in_a_fresh_process(models, tmp_path):
@@ -138,7 +138,7 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(models, tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     scores = json.loads((tmp_path / "eval.json").read_text())
-    assert scores["miou"] == pytest.approx(record["challenger"]["miou"])
+    assert scores["miou"] == pytest.approx(record.challenger["miou"])
     image_path = sorted((data / "raw" / "val").glob("*.png"))[0]
     out = tmp_path / "pyfunc"
     code = f"""
@@ -241,6 +241,28 @@ def test_missing_model_alias_or_version_is_a_clear_error(models, tmp_path):
         promote(cfg, root=tmp_path, run_id="0" * 32)
 
 
+def test_a_gate_metric_the_models_task_lacks_is_refused_before_the_registry_changes(tmp_path):
+    """registry.metric=pq for an instance model: refused before a version is registered (and
+    before the sqlite store is created), not after minutes of evaluation."""
+    from knet.config import load_config
+    from knet.data.categories import Categories
+    from tests.conftest import tiny_config
+
+    checkpoint = tmp_path / "instance.pt"
+    categories = Categories.from_coco([{"id": 1, "name": "cell", "isthing": 1}])
+    model = build_model(tiny_config("instance").model, 1, 0)
+    save_checkpoint(checkpoint, model, tiny_config("instance"), categories)
+    store = tmp_path / "mlflow.db"
+    cfg = load_config(
+        ROOT / "params.yaml", [f"tracking.uri=sqlite:///{store}", "registry.metric=pq"]
+    )
+    with pytest.raises(
+        RegistryError, match=r"registry.metric=pq is not a metric of this instance model \(ap, "
+    ):
+        promote(cfg, root=tmp_path, checkpoint=checkpoint)
+    assert not store.exists() and not (tmp_path / "metrics").exists()
+
+
 class Payload:
     """Stands for any pickled object a tampered file could carry."""
 
@@ -302,6 +324,8 @@ def check_race(cfg, paths: dict[str, Path], records: dict) -> None:
     previous = client.get_model_version_by_alias("knet-panoptic", "previous")
     assert previous.version != champion.version
     assert champion.tags["promoted_from"] == str(previous.version)
+    # `previous` is the champion the best model replaced, as that promotion read it.
+    assert int(previous.version) == records["long"]["champion_before"]["version"], records
     assert previous.tags["validation_status"] in ("passed", "rejected"), previous.tags
     assert records["long"]["decision"] == "promoted", records
     assert records["untrained"]["decision"] == "rejected", records
@@ -361,7 +385,7 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
         cfg = store_config(data, tmp_path, f"tracking.uri={uri}")
         first = promote(cfg, root=tmp_path, checkpoint=paths["short"], settle_s=0.05)
         second = promote(cfg, root=tmp_path, checkpoint=paths["long"], settle_s=0.05)
-        assert first["champion"] == 1 and second["champion"] == 2
+        assert first.champion == 1 and second.champion == 2
         model, _, _, version = load_registered("models:/knet-panoptic@champion", uri)
         assert str(version.version) == "2"
         shown = subprocess.run(
@@ -396,12 +420,55 @@ def test_promote_load_and_lineage_through_an_mlflow_server(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_racing_promotions_through_an_mlflow_server(models, tmp_path):
+@pytest.mark.parametrize("order", ORDERS)
+def test_racing_promotions_through_an_mlflow_server(models, tmp_path, order):
+    """A server has no file lock: the gates queue through the bakery of registered-model
+    tags, and leave none of those tags behind."""
+    import mlflow
+
     data, paths = models
     with mlflow_server(tmp_path) as uri:
         cfg = store_config(data, tmp_path, f"tracking.uri={uri}")
         promote(cfg, root=tmp_path, checkpoint=paths["untrained"], settle_s=0.05)
-        check_race(cfg, paths, race(cfg, tmp_path, paths, ORDERS["together"]))
+        check_race(cfg, paths, race(cfg, tmp_path, paths, ORDERS[order]))
+        tags = mlflow.MlflowClient(uri, uri).get_registered_model("knet-panoptic").tags
+        assert not [key for key in tags if key.startswith("knet.gate.")], tags
+
+
+def test_the_server_gate_waits_for_a_live_promoter_and_ignores_a_dead_one(tmp_path):
+    """The bakery lock (used through a tracking server) on a real registry: a live lower
+    ticket holds the gate until its tag goes; an entry past its lease (a promoter killed
+    while it held the gate) does not block, and the gate's own tag goes when it leaves."""
+    import threading
+
+    import mlflow
+
+    from knet.registry import GATE_LEASE_S, _bakery
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("knet-panoptic")
+    client.set_registered_model_tag("knet-panoptic", "knet.gate.v1", f"1@{time.time()}")
+    entered = threading.Event()
+
+    def promoter() -> None:
+        with _bakery(client, "knet-panoptic", "2"):
+            entered.set()
+
+    waiting = threading.Thread(target=promoter)
+    waiting.start()
+    assert not entered.wait(1.5)  # version 1 holds ticket 1: version 2 waits
+    client.delete_registered_model_tag("knet-panoptic", "knet.gate.v1")
+    assert entered.wait(10)
+    waiting.join()
+
+    dead = time.time() - GATE_LEASE_S - 1
+    client.set_registered_model_tag("knet-panoptic", "knet.gate.v3", f"1@{dead}")
+    with _bakery(client, "knet-panoptic", "4"):
+        tags = client.get_registered_model("knet-panoptic").tags
+        assert tags["knet.gate.v4"].startswith("1@")  # the dead ticket 1 is not counted
+    tags = client.get_registered_model("knet-panoptic").tags
+    assert "knet.gate.v4" not in tags and "knet.gate.v2" not in tags
 
 
 def test_a_nan_champion_is_replaced_by_any_finite_challenger(tmp_path):

@@ -136,14 +136,14 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
         "tracking.system_metrics_interval_s=0.2",  # a run of seconds
     )
     first = train(cfg, root=tmp_path, run_name="resume-test")
-    assert first["epochs"] == 2
+    assert first.epochs == 2
     history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[-1]["loss"] < history[0]["loss"]
     assert "val_pq" in history[-1] and "val_miou" in history[-1]
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    run = mlflow.get_run(first["mlflow_run_id"])
+    run = mlflow.get_run(first.mlflow_run_id)
     assert run.data.params["model.num_stages"] == "2"
     for tag in ("git_commit", "git_dirty", "data_hash", "params_hash", "sys.torch"):
         assert tag in run.data.tags
@@ -167,7 +167,7 @@ def test_two_workers_train_track_and_resume(data, tmp_path, local_ray):
     second = train(more, root=tmp_path, run_name="resume-test")
     history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second.mlflow_run_id == first.mlflow_run_id
     assert load_checkpoint(tmp_path / "out" / "model.pt")["epoch"] == 3
 
 
@@ -193,7 +193,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(
     assert marker.exists()  # the worker really died once
     history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept, epoch 2 redone once
-    assert summary["epochs"] == 3
+    assert summary.epochs == 3
 
 
 def test_unreachable_address_fails_with_a_message(data, tmp_path):
@@ -225,7 +225,7 @@ def test_every_task_trains_through_the_same_command_and_its_metric_rises(
     history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
     first, best = history[0][metric], max(h[metric] for h in history)
     assert best > first, f"{metric}: {[h[metric] for h in history]}"
-    assert summary["final"]["epoch"] == 12
+    assert summary.final["epoch"] == 12
 
 
 def test_elastic_group_and_bounded_placement_reach_ray_train(tmp_path):
@@ -251,8 +251,8 @@ def test_an_elastic_group_is_checked_against_its_minimum(data, tmp_path, local_r
         run_config(data, tmp_path, *items, "train.min_workers=1", "train.epochs=1"),
         root=tmp_path,
     )
-    assert summary["epochs"] == 1 and 1 <= len(summary["worker_hosts"]) <= 2
-    assert all(speed and speed > 0 for speed in summary["worker_images_per_s"])
+    assert summary.epochs == 1 and 1 <= len(summary.worker_hosts) <= 2
+    assert all(speed and speed > 0 for speed in summary.worker_images_per_s)
 
 
 def test_a_resumed_schedule_follows_the_new_group_size():

@@ -438,20 +438,20 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
     first = tune(cfg, root=tmp_path)
 
     assert (tmp_path / "k").exists()  # the kill happened
-    rows = {(r["num_stages"], r["num_kernels"]): r for r in first["rows"]}
-    assert len(first["rows"]) == 4 and first["failed"] == 1 and not first["restored"]
+    rows = {(r["num_stages"], r["num_kernels"]): r for r in first.rows}
+    assert len(first.rows) == 4 and first.failed == 1 and not first.restored
     assert rows[2, 8]["status"] == "error" and "failing at epoch 0" in rows[2, 8]["error"]
     for key in ((1, 4), (1, 8), (2, 4)):
         assert rows[key]["status"] == "finished" and rows[key]["epochs"] == 1
         assert Path(rows[key]["checkpoint"]).is_file()
         assert math.isfinite(rows[key]["value"]) and rows[key]["params"] > 0
     assert rows[1, 4]["epochs_s"] < rows[1, 4]["trial_s"]
-    with open(first["reports"]["csv"]) as handle:
+    with open(first.reports["csv"]) as handle:
         assert len(list(csv.DictReader(handle))) == 4
-    assert "failed (1)" in Path(first["reports"]["md"]).read_text()
+    assert "failed (1)" in Path(first.reports["md"]).read_text()
 
     # Every trial wrote TensorBoard events; the dashboard answered during the sweep.
-    sweep = Path(first["path"])
+    sweep = Path(first.path)
     assert len(list(sweep.glob("*/events.out.tfevents.*"))) == 4
     from ray._private.worker import get_dashboard_url
 
@@ -462,12 +462,12 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
     with urllib.request.urlopen(url, timeout=30) as r:
         runs = json.loads(r.read())["train_runs"]
     names = {run["name"] for run in runs}
-    assert {f"trial-{row['trial_id']}" for row in first["rows"]} <= names
+    assert {f"trial-{row['trial_id']}" for row in first.rows} <= names
     assert all(run["attempts"] and run["attempts"][0]["workers"] for run in runs)
 
     # MLflow: one parent run for the sweep, one child run per trial with the grid params.
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    parent = mlflow.get_run(first["parent_run_id"])
+    parent = mlflow.get_run(first.parent_run_id)
     assert parent.info.status == "FAILED"  # a trial failed
     assert parent.data.metrics["trials_failed"] == 1
     artifacts = {
@@ -495,12 +495,12 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
     assert len(before) == 3
     failing.unlink()
     second = tune(cfg, root=tmp_path)
-    assert second["restored"] and second["failed"] == 0 and second["name"] == first["name"]
+    assert second.restored and second.failed == 0 and second.name == first.name
     after = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert len(after) == 4
     assert all(after[name] == stamp for name, stamp in before.items())  # not rerun
-    assert mlflow.get_run(second["parent_run_id"]).info.status == "FINISHED"
-    assert second["parent_run_id"] == first["parent_run_id"]
+    assert mlflow.get_run(second.parent_run_id).info.status == "FINISHED"
+    assert second.parent_run_id == first.parent_run_id
     children = mlflow.search_runs(
         experiment_ids=[parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
@@ -508,7 +508,7 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
         output_format="list",
     )
     assert len(children) == 4
-    assert second["best"]["checkpoint"] and Path(second["best"]["checkpoint"]).is_file()
+    assert second.best["checkpoint"] and Path(second.best["checkpoint"]).is_file()
 
 
 def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):

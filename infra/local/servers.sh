@@ -42,7 +42,11 @@ wait_for() {  # url, what
 start mlflow "$BIN/mlflow" server --backend-store-uri "sqlite:///$ROOT/mlflow.db" \
   --artifacts-destination "$ROOT/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT"
 start prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
-start ray "$BIN/ray" start --head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+# Auth is off here, so nothing may listen beyond this machine: with this variable at 0 every
+# listener of the head (GCS, raylet, object manager, dashboard agent, client server) binds to
+# 127.0.0.1, as in the local instance knet train starts (knet/training/cluster.py).
+start ray env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+  "$BIN/ray" start --head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
   --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
 wait_for "http://127.0.0.1:$MLFLOW_PORT/health" "MLflow"
 wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" "Prefect"

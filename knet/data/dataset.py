@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from knet.config import DataConfig
+from knet.data import DataError
 from knet.data.categories import Categories
 from knet.data.groundtruth import GroundTruth
 from knet.data.transforms import MASK_STRIDE, Transform
@@ -87,14 +88,14 @@ class PreparedDataset(Dataset):
                 f"{index_path} does not exist; run `knet data prepare` (or `dvc repro prepare`)"
             ) from None
         except (OSError, ValueError) as err:  # a folder, unreadable bytes, not JSON
-            raise ValueError(
+            raise DataError(
                 f"{index_path} is not a readable prepared index ({err}); run `knet data "
                 f"prepare` again"
             ) from None
         if not isinstance(index, dict) or any(
             k not in index for k in ("format", "categories", "image_root", "images")
         ):
-            raise ValueError(
+            raise DataError(
                 f"{index_path} is not a prepared index (expected format, categories, image_root "
                 f"and images); run `knet data prepare` again"
             )

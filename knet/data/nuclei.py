@@ -19,7 +19,6 @@ package is never imported, so its own dependencies are not needed) and nothing i
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from pycocotools import mask as mask_utils
 
 from knet.config import DataConfig
 from knet.data.layout import dataset_paths
-from knet.io import atomic_directory
+from knet.io import atomic_directory, dumps
 
 PACKAGE = "stardist"
 PACKAGE_PIN = "stardist==0.9.2"
@@ -149,7 +148,7 @@ def generate_nuclei(root: str | Path, data_cfg: DataConfig | None = None) -> dic
                     {k: c[k] for k in ("id", "name", "supercategory")} for c in CATEGORIES
                 ],
             }
-            paths.instances_json.write_text(json.dumps(coco, separators=(",", ":")))
+            paths.instances_json.write_text(dumps(coco, separators=(",", ":")))
             summary["images"][split] = len(images)
             summary["instances"][split] = len(annotations)
     return summary

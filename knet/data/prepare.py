@@ -36,10 +36,11 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from knet.config import DataConfig
+from knet.data import DataError
 from knet.data.categories import Categories
 from knet.data.layout import IMAGE_SUFFIXES, DatasetPaths, confined, dataset_paths
 from knet.data.validate import DatasetValidationError, ValidationReport, validate_split
-from knet.io import atomic_directory, check_output_dir
+from knet.io import atomic_directory, check_output_dir, dumps
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,24 @@ class SplitSummary:
         }
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """What ``knet data prepare`` wrote: the manifest (``manifest.json`` holds these fields as
+    JSON, through :func:`knet.io.dumps`)."""
+
+    format: str  # data.format
+    raw: str  # the raw dataset it was prepared from
+    index_version: int
+    splits: dict[str, dict[str, Any]]  # split -> images, segments, skipped problems, ...
+    content_hash: str  # of every prepared file (what `dvc` and the lineage tags pin)
+
+
 def prepare(
     cfg: DataConfig,
     out: str | Path | None = None,
     strict: bool = True,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PreparedData:
     """Validate and index the train and val splits of ``cfg.raw`` into ``out`` (``cfg.prepared``).
 
     Args:
@@ -101,7 +114,7 @@ def prepare(
             otherwise skip the images with errors and record them in the manifest.
 
     Returns:
-        The manifest (also written to ``out/manifest.json``).
+        The :class:`PreparedData` manifest (also written to ``out/manifest.json``).
 
     Raises:
         DatasetValidationError: strict mode and the dataset has errors.
@@ -120,12 +133,7 @@ def prepare(
         if strict and not report.ok:
             raise DatasetValidationError(report)
         reports[split] = report
-    manifest: dict[str, Any] = {
-        "format": cfg.format,
-        "raw": str(cfg.raw),
-        "index_version": INDEX_VERSION,
-        "splits": {},
-    }
+    prepared: dict[str, dict[str, Any]] = {}
     with atomic_directory(out, "prepared") as tmp:
         for split in splits:
             summary = prepare_split(
@@ -135,10 +143,16 @@ def prepare(
                 reports[split],
                 progress=progress,
             )
-            manifest["splits"][split] = summary.to_json()
+            prepared[split] = summary.to_json()
             _refuse_empty(summary, split, cfg)
-        manifest["content_hash"] = content_hash(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = PreparedData(
+            format=cfg.format,
+            raw=str(cfg.raw),
+            index_version=INDEX_VERSION,
+            splits=prepared,
+            content_hash=content_hash(tmp),
+        )
+        (tmp / "manifest.json").write_text(dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -181,7 +195,7 @@ def scale_advice(split: dict[str, Any], test_size: int, min_cells: float = 2.5) 
     )
 
 
-class EmptyDatasetError(ValueError):
+class EmptyDatasetError(DataError, ValueError):
     """Preparation would publish a split with no images or a dataset with no categories."""
 
 
@@ -221,7 +235,7 @@ def prepare_split(
             records, desc=f"prepare {paths.split}", unit="img", disable=not progress
         ):
             record["offset"] = segments_file.tell()
-            segments_file.write(json.dumps(segments, separators=(",", ":")).encode() + b"\n")
+            segments_file.write(dumps(segments, separators=(",", ":")).encode() + b"\n")
             images.append(record)
             summary.images += 1
             summary.heights.append(record["height"])
@@ -241,7 +255,7 @@ def prepare_split(
         "categories": categories.to_json(),
         "images": images,
     }
-    (out / "index.json").write_text(json.dumps(index, separators=(",", ":")))
+    (out / "index.json").write_text(dumps(index, separators=(",", ":")))
     summary.seconds = time.perf_counter() - start
     log.info("prepared %s: %d images, %d segments", paths.split, summary.images, summary.segments)
     return summary

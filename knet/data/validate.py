@@ -36,6 +36,7 @@ from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from knet.data import DataError
 from knet.data.layout import IMAGE_SUFFIXES, DatasetPaths, UnsafePathError, confined
 from knet.data.rle import rle_counts
 
@@ -184,7 +185,7 @@ class ValidationReport:
             raise DatasetValidationError(self)
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(DataError, ValueError):
     """A dataset with errors; ``.report`` holds the full :class:`ValidationReport`."""
 
     def __init__(self, report: ValidationReport) -> None:

@@ -18,11 +18,12 @@ from knet.training.cluster import build_trainer, check_placement, check_reachabl
 from knet.training.context import CHECKPOINT_FILE
 from knet.training.errors import ServiceUnreachableError, TrainSetupError
 from knet.training.loop import resume_schedule, train_loop_per_worker
-from knet.training.stage import check_inputs, default_run_name, publish, train
+from knet.training.stage import TrainResult, check_inputs, default_run_name, publish, train
 
 __all__ = [
     "CHECKPOINT_FILE",
     "ServiceUnreachableError",
+    "TrainResult",
     "TrainSetupError",
     "build_trainer",
     "check_inputs",

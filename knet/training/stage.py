@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from knet.checkpoint import check_checkpoint_output, load_checkpoint
 from knet.config import Config, absolute_paths
 from knet.data.prepare import scale_advice
-from knet.io import write_json_atomic
+from knet.io import check_output_file, dumps, write_output_file
 from knet.tracking import TrackingUnreachableError, check_tracking_uri, lineage_tags
 from knet.training.cluster import fit_on_ray
 from knet.training.context import LocalContext
@@ -30,12 +31,30 @@ from knet.training.loop import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``knet train`` did: the CLI prints it, the flows and tests read it, and
+    :func:`knet.io.dumps` writes it as JSON."""
+
+    run_name: str
+    epochs: int
+    final: dict[str, Any]  # the last epoch's history entry: loss, lr, val_* metrics, ...
+    checkpoint: str | None  # train.output (after a failure: the last good one), None if none
+    mlflow_run_id: str | None
+    seconds: float
+    worker_nodes: list[str] = field(default_factory=list)
+    worker_hosts: list[str] = field(default_factory=list)
+    worker_images_per_s: list[float | None] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the loop
+    ray_path: str | None = None  # Ray Train's run folder (None in-process)
+
+
 def train(
     cfg: Config,
     root: str | Path = ".",
     run_name: str | None = None,
     address: str | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``cfg`` on Ray Train (or in-process with ``train.num_workers=0``).
 
     Args:
@@ -44,7 +63,8 @@ def train(
         address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one.
 
     Returns:
-        A summary: run name, epochs, final metrics, checkpoint path, MLflow run id, seconds.
+        The :class:`TrainResult`: run name, epochs, final metrics, checkpoint, MLflow run id,
+        seconds, the workers and their speeds.
         A run that fails (NaN losses past ``train.max_bad_steps``, a worker group out of
         retries) keeps its last good checkpoint at ``train.output`` and raises.
     """
@@ -53,6 +73,8 @@ def train(
     run_name = run_name or cfg.train.run_name or default_run_name(cfg)
     cfg = absolute_paths(cfg, root)
     check_inputs(cfg)
+    for path in metrics_files(cfg):  # a file of the user's there is never replaced
+        check_output_file(path, "metrics")
     tags = lineage_tags(cfg, root, params_hash) if cfg.tracking.enabled else {}
     loop_config = {
         "config": cfg.to_dict(),
@@ -74,9 +96,9 @@ def train(
             shutil.rmtree(scratch, ignore_errors=True)
     if error is not None:
         raise error
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    summary["run_name"] = run_name
-    return summary
+    fields = {k: summary[k] for k in TrainResult.__dataclass_fields__ if k in summary}
+    seconds = round(time.perf_counter() - start, 1)
+    return TrainResult(run_name=run_name, seconds=seconds, **fields)
 
 
 def _train_here(loop_config: dict[str, Any]) -> tuple[dict[str, Any], Exception | None, Path]:
@@ -141,10 +163,16 @@ def publish(checkpoint: str | Path, cfg: Config) -> str:
     payload = load_checkpoint(output)
     history = payload.get("history", [])
     if history:
-        metrics = Path(cfg.train.metrics)
-        write_json_atomic(metrics, history[-1], indent=2)
-        write_json_atomic(metrics.with_name(f"{metrics.stem}_history.json"), history, indent=1)
+        metrics, history_file = metrics_files(cfg)
+        write_output_file(metrics, dumps(history[-1], indent=2), "metrics")
+        write_output_file(history_file, dumps(history, indent=1), "metrics")
     return str(output)
 
 
-__all__ = ["check_inputs", "default_run_name", "publish", "train"]
+def metrics_files(cfg: Config) -> tuple[Path, Path]:
+    """``train.metrics`` and the per-epoch history beside it (``<stem>_history.json``)."""
+    metrics = Path(cfg.train.metrics)
+    return metrics, metrics.with_name(f"{metrics.stem}_history.json")
+
+
+__all__ = ["TrainResult", "check_inputs", "default_run_name", "publish", "train"]
