@@ -764,3 +764,29 @@ def test_warnings_and_info_keep_the_report_ok(ds: Dataset) -> None:
     assert report.ok and report.errors == []
     assert [p.code for p in report.problems] == ["area_mismatch"]
     report.raise_for_errors()  # no error -> no exception
+
+
+def test_the_json_rules_are_json_schemas_with_cocos_strict_types():
+    """The validator's field rules are JSON Schemas checked by jsonschema, with integer and
+    number as COCO means them (no booleans, no 1.0 for an id, no NaN / inf)."""
+    from knet.data.validation.checker import (
+        _AREA,
+        _FLAG,
+        _INT,
+        _NAME,
+        _POSITIVE_INT,
+        _SEGMENTATION,
+    )
+
+    cases = [
+        (_FLAG, [0, 1, True, False], [2, 1.0, "1", None]),
+        (_INT, [0, -3, 5], [True, 1.0, "1", None]),
+        (_POSITIVE_INT, [1, 7], [0, -1, 1.5, True]),
+        (_NAME, ["a"], ["", None, 3]),
+        (_AREA, [0, 1.5, 3], [-1, float("nan"), float("inf"), True, "1"]),
+        (_SEGMENTATION, [[], {}], ["x", 1, None]),
+    ]
+    for rule, good, bad in cases:
+        assert "type" in str(rule.schema) or "enum" in str(rule.schema)
+        assert [v for v in good if not rule.check(v)] == [], rule.desc
+        assert [v for v in bad if rule.check(v)] == [], rule.desc
