@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import add_case_args, case_info, padded_input, peak_memory_mib
 from knet.config import load_config
 from knet.data.dataset import Batch
-from knet.engine import autocast, predict_batch
+from knet.method.engine import autocast, predict_batch
 from knet.model import build_model
 
 

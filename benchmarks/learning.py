@@ -35,12 +35,12 @@ import torch
 
 from knet.config import load_config
 from knet.data.dataset import build_dataset, build_loader, collate
-from knet.engine import EpochSettings, train_one_epoch
-from knet.losses import KNetCriterion
-from knet.matcher import HungarianMatcher
-from knet.metrics import accumulate_metrics, summarize
+from knet.method.engine import EpochSettings, train_one_epoch
+from knet.method.losses import KNetCriterion
+from knet.method.matcher import HungarianMatcher
+from knet.method.metrics import accumulate_metrics, summarize
+from knet.method.optim import build_optimizer, build_scheduler
 from knet.model import build_model
-from knet.optim import build_optimizer, build_scheduler
 
 PROBE_IMAGES = 32
 

@@ -18,14 +18,14 @@ import sys
 
 import torch
 
-import knet.matcher
+import knet.method.matcher
 from benchmarks import add_case_args, case_info, padded_input, peak_memory_mib, timed
 from knet.config import load_config
 from knet.data.dataset import Batch
-from knet.engine import accelerate, train_step
-from knet.losses import KNetCriterion
+from knet.method.engine import accelerate, train_step
+from knet.method.losses import KNetCriterion
+from knet.method.optim import build_optimizer
 from knet.model import build_model
-from knet.optim import build_optimizer
 from knet.structures import Targets, downsample_masks
 from knet.syncs import HostSyncCounter
 
@@ -123,18 +123,18 @@ def measure(args: argparse.Namespace) -> dict:
 def count_syncs(step) -> tuple[int, int]:
     """Ops of one step that would stall the host on CUDA, and the matcher's cost transfers."""
     transfers = []
-    original = knet.matcher.to_host
+    original = knet.method.matcher.to_host
 
     def counted(tensor):
         transfers.append(1)
         return original(tensor)
 
-    knet.matcher.to_host = counted
+    knet.method.matcher.to_host = counted
     try:
         with HostSyncCounter() as syncs:
             step()
     finally:
-        knet.matcher.to_host = original
+        knet.method.matcher.to_host = original
     return syncs.total, len(transfers)
 
 

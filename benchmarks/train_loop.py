@@ -27,11 +27,11 @@ def run(workers: int, folder: Path) -> dict:
 def checkpoint_cost(folder: Path) -> dict:
     import torch
 
-    from knet.checkpoint import save_checkpoint
     from knet.config import load_config
     from knet.data.dataset import build_dataset
+    from knet.method.checkpoint import save_checkpoint
+    from knet.method.optim import build_optimizer
     from knet.model import build_model
-    from knet.optim import build_optimizer
 
     cfg = load_config("params.yaml")
     cats = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=False).categories

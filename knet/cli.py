@@ -167,7 +167,7 @@ def _registered(args: argparse.Namespace, cfg: Config | None = None):
     """((model, config, categories), its ModelVersion) of ``--model models:/...``, or None."""
     if not args.model:
         return None
-    from knet.registry import load_registered
+    from knet.experiments.registry import load_registered
 
     model, trained, categories, version = load_registered(
         args.model, _tracking_uri(args, cfg), args.device
@@ -177,7 +177,7 @@ def _registered(args: argparse.Namespace, cfg: Config | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from knet.evaluate import evaluate_checkpoint
+    from knet.evaluation.evaluate import evaluate_checkpoint
 
     registered = _registered(args, _config(args))
     evaluation = evaluate_checkpoint(
@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from knet.export import export_checkpoint
+    from knet.evaluation.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out)
     print(
@@ -213,7 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from knet.predict import predict_checkpoint
+    from knet.evaluation.predict import predict_checkpoint
 
     # --set takes several items, as on every command; what follows it without '=' is an input.
     args.inputs = [*args.inputs, *(o for o in args.overrides if "=" not in o)]
@@ -266,8 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from knet.ablation import format_value
-    from knet.tune import command_line_sweep, tune
+    from knet.experiments.ablation import format_value
+    from knet.experiments.tune import command_line_sweep, tune
 
     cfg, notes = command_line_sweep(_config(args), args.overrides, args.grid)
     for note in notes:
@@ -297,7 +297,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from knet.registry import promote
+    from knet.experiments.registry import promote
 
     record = promote(_config(args), run_id=args.run_id, checkpoint=args.checkpoint)
     metric, challenger, before = record.metric, record.challenger, record.champion_before
@@ -312,7 +312,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from knet.registry import lineage
+    from knet.experiments.registry import lineage
 
     info = lineage(args.uri, args.tracking_uri or _tracking_uri(args, _config(args)))
     print(f"{info.uri} -> {info.model} version {info.version} {info.aliases}")
@@ -692,8 +692,8 @@ COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
         "Export the model of a checkpoint with torch.export: the forward pass (every round's "
         "mask and class logits) for any batch and image sides that are multiples of 32, "
         "checked against eager on a batch of another size. Load it with "
-        "torch.export.load(path).module() after import knet.export; post-processing stays "
-        "in knet.postprocess.",
+        "torch.export.load(path).module() after import knet.evaluation.export; "
+        "post-processing stays in knet.method.postprocess.",
         "knet export --checkpoint outputs/train/model.pt --out outputs/export/knet.pt2",
     ),
     ("predict",): (

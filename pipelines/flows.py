@@ -22,8 +22,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from knet.registry import Promotion
-from knet.tune import command_line_sweep
+from knet.experiments.registry import Promotion
+from knet.experiments.tune import command_line_sweep
 from pipelines.guard import check_address, check_params, check_root, check_tracking_uri
 from pipelines.tasks import (
     check_services,
@@ -117,8 +117,8 @@ def train_knet(  # 9 parameters: the deployment's parameters (prefect deployment
 
 @task(name="tune", timeout_seconds=12 * 3600)
 def tune_sweep(cfg, root: str, address: str | None):
-    """Ray Tune's sweep (:class:`knet.tune.SweepResult`)."""
-    from knet.tune import tune
+    """Ray Tune's sweep (:class:`knet.experiments.tune.SweepResult`)."""
+    from knet.experiments.tune import tune
 
     return tune(cfg, root=root, address=address)
 

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 
 from knet.config import Config, load_config
-from knet.registry import Promotion
+from knet.experiments.registry import Promotion
 from knet.tracking import TrackingUnreachableError
 from knet.training import ServiceUnreachableError, TrainResult
 
@@ -113,8 +113,8 @@ def train_model(cfg: Config, root: str, address: str | None) -> TrainResult:
 # pycocotools prints its AP table; Prefect's log_prints would turn it into 40 log lines.
 @task(name="evaluate", timeout_seconds=3600, log_prints=False)
 def evaluate_model(cfg: Config, root: str, checkpoint: str) -> dict[str, float]:
-    from knet.checkpoint import load_model
-    from knet.evaluate import evaluate_model as evaluate
+    from knet.evaluation.evaluate import evaluate_model as evaluate
+    from knet.method.checkpoint import load_model
 
     model, trained, categories = load_model(checkpoint)
     ev = cfg.evaluate
@@ -133,7 +133,7 @@ def evaluate_model(cfg: Config, root: str, checkpoint: str) -> dict[str, float]:
 
 @_retrying(name="promote", timeout_seconds=3600, log_prints=False)
 def promote_model(cfg: Config, root: str, checkpoint: str) -> Promotion:
-    from knet.registry import promote
+    from knet.experiments.registry import promote
 
     return promote(cfg, root=root, checkpoint=checkpoint)
 
@@ -142,8 +142,8 @@ def promote_model(cfg: Config, root: str, checkpoint: str) -> Promotion:
 def predict_samples(cfg: Config, root: str, model_uri: str, images: int) -> dict[str, Any]:
     """Overlay PNGs and segment JSONs for the first ``images`` val images, from the registry;
     with tracking on, also an MLflow run under the version's training run."""
-    from knet.predict import expand_inputs, log_prediction, predict_checkpoint
-    from knet.registry import load_registered
+    from knet.evaluation.predict import expand_inputs, log_prediction, predict_checkpoint
+    from knet.experiments.registry import load_registered
 
     absolute = _absolute(cfg, root)
     *loaded, version = load_registered(model_uri, absolute.tracking.uri)

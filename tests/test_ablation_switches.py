@@ -12,11 +12,11 @@ import torch
 
 from knet.cli import main
 from knet.config import ConfigError, PostprocessConfig
-from knet.losses import KNetCriterion
+from knet.method.losses import KNetCriterion
+from knet.method.postprocess import instance_postprocess
 from knet.model import ABLATION_SWITCHES, build_model, variant_parameter_counts
 from knet.model.heads import KernelUpdateHead, assemble_group_features
 from knet.model.neck import SemanticFPNFuser, coord_features, sine_positional_encoding
-from knet.postprocess import instance_postprocess
 from tests.conftest import NUM_STUFF, NUM_THINGS, synthetic_batch, tiny_config
 
 C = 32

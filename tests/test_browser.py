@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from knet.registry import promote
+from knet.experiments.registry import promote
 from tests.test_registry import mlflow_server
 from tests.test_train import make_data, run_config, untrained_checkpoint
 

@@ -197,12 +197,12 @@ def test_every_stage_returns_a_frozen_dataclass_that_serializes_as_json():
     import typing
 
     from knet.data.prepare import prepare
-    from knet.evaluate import evaluate_checkpoint
+    from knet.evaluation.evaluate import evaluate_checkpoint
+    from knet.evaluation.predict import predict_checkpoint
+    from knet.experiments.registry import Promotion, lineage, promote
+    from knet.experiments.tune import tune
     from knet.io import dumps
-    from knet.predict import predict_checkpoint
-    from knet.registry import Promotion, lineage, promote
     from knet.training import train
-    from knet.tune import tune
 
     stages = [prepare, train, evaluate_checkpoint, tune, promote, lineage, predict_checkpoint]
     for stage in stages:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from knet.losses import KNetCriterion
+from knet.method.losses import KNetCriterion
 from knet.model import build_model
 from tests.conftest import NUM_STUFF, NUM_THINGS, free_port, synthetic_batch, tiny_config
 

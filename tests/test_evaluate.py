@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from knet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from knet.config import load_config
 from knet.data.dataset import build_dataset, build_loader
 from knet.data.prepare import prepare
 from knet.data.synth import generate
-from knet.engine import EpochSettings, train_one_epoch
-from knet.evaluate import evaluate_checkpoint
-from knet.losses import KNetCriterion
+from knet.evaluation.evaluate import evaluate_checkpoint
+from knet.evaluation.predict import predict_checkpoint
+from knet.method.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from knet.method.engine import EpochSettings, train_one_epoch
+from knet.method.losses import KNetCriterion
+from knet.method.optim import build_optimizer
 from knet.model import build_model
-from knet.optim import build_optimizer
-from knet.predict import predict_checkpoint
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -275,7 +275,7 @@ def test_predict_writes_overlays_and_json_and_reports_unreadable_images(trained,
 def test_an_image_over_max_pixels_is_predicted_at_a_bounded_size(trained, tmp_path):
     """model.postprocess.max_pixels bounds predict's memory: a larger image is predicted at
     the largest size under it, and its JSON says the scale."""
-    from knet.predict import fit_pixels
+    from knet.evaluation.predict import fit_pixels
 
     small = np.asarray(Image.open(sorted((trained["tmp"] / "raw" / "val").glob("*.png"))[0]))
     big = tmp_path / "big.png"

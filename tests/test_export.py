@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knet.checkpoint import load_model
 from knet.cli import main
-from knet.export import export_checkpoint, max_difference
+from knet.evaluation.export import export_checkpoint, max_difference
+from knet.method.checkpoint import load_model
 from tests.test_train import make_data, run_config, untrained_checkpoint
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import knet.matcher
+import knet.method.matcher
 from knet.data.dataset import Batch
-from knet.engine import accelerate, train_step
-from knet.losses import KNetCriterion
+from knet.method.engine import accelerate, train_step
+from knet.method.losses import KNetCriterion
+from knet.method.optim import build_optimizer
 from knet.model import build_model
-from knet.optim import build_optimizer
 from knet.syncs import HostSyncCounter, allowed_sync, strict_syncs
 from tests.conftest import NUM_STUFF, NUM_THINGS, synthetic_batch, tiny_config
 
@@ -51,7 +51,7 @@ def test_a_training_step_syncs_only_in_the_matchers_one_transfer(task, monkeypat
         transfers.append(tuple(tensor.shape))
         return tensor.cpu()
 
-    monkeypatch.setattr(knet.matcher, "to_host", counted)
+    monkeypatch.setattr(knet.method.matcher, "to_host", counted)
     train_step(model, criterion, batch, optimizer, cfg.optim)  # optimizer state exists
     transfers.clear()
     with HostSyncCounter() as syncs:

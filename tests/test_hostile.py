@@ -30,9 +30,9 @@ import torch
 import yaml
 from PIL import Image
 
-from knet.checkpoint import load_checkpoint
 from knet.cli import main
 from knet.io import MARKER
+from knet.method.checkpoint import load_checkpoint
 from knet.training import faults
 from tests.test_no_data_loss import snapshot
 from tests.test_train import make_data, run_config, untrained_checkpoint

@@ -21,22 +21,10 @@ LAYERS = (
     ("tracking", ("knet.tracking",)),
     ("data", ("knet.data",)),
     ("model", ("knet.model",)),
-    (
-        "method",
-        (
-            "knet.matcher",
-            "knet.losses",
-            "knet.postprocess",
-            "knet.optim",
-            "knet.metrics",
-            "knet.visualize",
-            "knet.checkpoint",
-            "knet.engine",
-        ),
-    ),
-    ("evaluation", ("knet.evaluate", "knet.predict", "knet.export")),
+    ("method", ("knet.method",)),
+    ("evaluation", ("knet.evaluation",)),
     ("training", ("knet.training",)),
-    ("experiments", ("knet.tune", "knet.ablation", "knet.registry", "knet.mlflow_model")),
+    ("experiments", ("knet.experiments",)),
     ("interface", ("knet.cli", "knet.__main__")),
 )
 
@@ -120,6 +108,41 @@ def test_knet_never_imports_the_flows():
     flows = set(_modules("pipelines"))
     offenders = {name for name, path in modules.items() if imports_of(path, flows)}
     assert not offenders
+
+
+def test_the_layout_shows_the_layers():
+    """A layer of several modules is a sub-package of its own; single modules at the top of
+    ``knet/`` are only the foundations, tracking and the command line."""
+    top = {_module_name(p) for p in (ROOT / "knet").glob("*.py")} - {"knet"}
+    packages = {f"knet.{p.parent.name}" for p in (ROOT / "knet").glob("*/__init__.py")}
+    assert top | packages == {member for _, members in LAYERS for member in members}
+    for layer, members in LAYERS:
+        if len(members) > 1:
+            assert layer in ("foundations", "interface"), f"{layer}: make it one sub-package"
+
+
+def test_moved_modules_keep_their_old_names_and_knet_uses_only_the_new():
+    """Registered versions before the layer split import ``knet.registry`` and ``knet.predict``
+    in their logged ``mlflow_model.py``: the old names load the very same modules."""
+    import importlib
+
+    import knet
+
+    for old, new in knet.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from knet.predict import predict_image, segments_of, semantic_map  # what old versions import
+    from knet.registry import load_model_files
+
+    assert callable(load_model_files) and callable(predict_image)
+    assert callable(segments_of) and callable(semantic_map)
+    users = []
+    for package in ("knet", "pipelines", "tests", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name in ("test_layers.py",) or path == ROOT / "knet" / "__init__.py":
+                continue
+            found = imports_of(path, set(knet.MOVED))
+            users += [f"{path.relative_to(ROOT)} imports {name}" for name in sorted(found)]
+    assert not users, "\n".join(users)
 
 
 def test_the_documented_layer_table_matches():

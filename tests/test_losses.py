@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from knet.config import LossConfig
-from knet.losses import (
+from knet.method.losses import (
     KNetCriterion,
     _rank_targets,
     dice_loss,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from knet.matcher import HungarianMatcher
+from knet.method.matcher import HungarianMatcher
 
 
 def _random_case(

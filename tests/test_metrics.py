@@ -17,7 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from knet.data.categories import Categories
-from knet.metrics import (
+from knet.method.metrics import (
     GroundTruth,
     MaskAP,
     PanopticQuality,
@@ -27,7 +27,7 @@ from knet.metrics import (
     semantic_from_panoptic,
     semantic_from_segments,
 )
-from knet.postprocess import InstanceResult, PanopticResult, Segment
+from knet.method.postprocess import InstanceResult, PanopticResult, Segment
 
 PERSON, CAR, SKY, GRASS = 0, 1, 2, 3
 CATEGORIES = Categories.from_coco(
@@ -686,7 +686,7 @@ def test_pq_matches_a_naive_loop_on_random_maps():
 def test_rle_runs_match_pycocotools():
     # The run-based painting (no mask decoding) against pycocotools' decoder: blocky and noisy
     # masks, long runs (several 5-bit groups, negative deltas), empty and full masks.
-    from knet.metrics import _paint
+    from knet.method.metrics import _paint
 
     rng = np.random.default_rng(1)
     height, width = 37, 300

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from knet.config import load_config
-from knet.losses import KNetCriterion
+from knet.method.losses import KNetCriterion
+from knet.method.optim import build_optimizer
 from knet.model import build_model
-from knet.optim import build_optimizer
 from tests.conftest import NUM_STUFF, NUM_THINGS, synthetic_batch, tiny_config
 
 
@@ -179,7 +179,8 @@ def test_layer_zero_imports_no_orchestration():
     import sys
 
     code = (
-        "import sys, knet.model, knet.losses, knet.matcher, knet.postprocess, knet.config\n"
+        "import sys, knet.model, knet.method.losses, knet.method.matcher, knet.method.postprocess\n"
+        "import knet.config\n"
         "bad = [m for m in ('ray', 'mlflow', 'prefect', 'dvc') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from knet.checkpoint import load_checkpoint
+from knet.method.checkpoint import load_checkpoint
 from tests.hosts import BIN, Hosts
 from tests.test_train import ROOT, make_data, run_overrides
 

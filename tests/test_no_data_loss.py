@@ -19,8 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from knet.checkpoint import save_checkpoint
 from knet.data.categories import Categories
+from knet.evaluation.predict import output_names
 from knet.io import (
     MARKER,
     OutputExistsError,
@@ -28,8 +28,8 @@ from knet.io import (
     check_output_dir,
     output_kind,
 )
+from knet.method.checkpoint import save_checkpoint
 from knet.model import build_model
-from knet.predict import output_names
 from tests.conftest import ROOT, tiny_config
 
 SMALL = {"image_size": 48, "train_images": 3, "val_images": 2}

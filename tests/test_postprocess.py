@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from knet.config import PostprocessConfig
-from knet.model import KNetOutput, StageOutput
-from knet.postprocess import (
+from knet.method.postprocess import (
     InstanceResult,
     PanopticResult,
     instance_postprocess,
@@ -19,6 +18,7 @@ from knet.postprocess import (
     resize_to_image,
     semantic_postprocess,
 )
+from knet.model import KNetOutput, StageOutput
 
 CFG = PostprocessConfig()
 
@@ -365,7 +365,7 @@ def test_postprocess_panoptic_from_instance_model_raises() -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_chunked_postprocess_equals_one_pass(monkeypatch, seed: int) -> None:
     """Kernels resized a few at a time (a running argmax) give exactly the one-pass results."""
-    import knet.postprocess as pp
+    import knet.method.postprocess as pp
 
     gen = torch.Generator().manual_seed(seed)
     cls = torch.randn(N_THING + N_STUFF, T + N_STUFF, generator=gen)
@@ -396,7 +396,7 @@ def test_chunked_postprocess_equals_one_pass(monkeypatch, seed: int) -> None:
 def test_a_large_image_is_post_processed_in_chunks() -> None:
     """The float maps held at once stay within the budget: 16 kernels of an 8000x8000 image
     one at a time (256 MB each; all at once was 4 GB), of 4000x4000 four at a time."""
-    from knet.postprocess import CHUNK_BYTES, _chunks
+    from knet.method.postprocess import CHUNK_BYTES, _chunks
 
     assert [p.stop - p.start for p in _chunks(16, (8000, 8000))] == [1] * 16
     assert [p.stop - p.start for p in _chunks(16, (4000, 4000))] == [4] * 4

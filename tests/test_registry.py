@@ -18,11 +18,17 @@ import pytest
 import torch
 import yaml
 
-from knet.checkpoint import load_model, save_checkpoint
 from knet.data.dataset import build_dataset, load_rgb
+from knet.evaluation.predict import predict_image, segments_of
+from knet.experiments.registry import (
+    RegistryError,
+    lineage,
+    load_model_files,
+    load_registered,
+    promote,
+)
+from knet.method.checkpoint import load_model, save_checkpoint
 from knet.model import build_model
-from knet.predict import predict_image, segments_of
-from knet.registry import RegistryError, lineage, load_model_files, load_registered, promote
 from knet.training import train
 from tests.conftest import free_port, venv_env
 from tests.test_train import make_data, run_config
@@ -443,7 +449,7 @@ def test_the_server_gate_waits_for_a_live_promoter_and_ignores_a_dead_one(tmp_pa
 
     import mlflow
 
-    from knet.registry import GATE_LEASE_S, _bakery
+    from knet.experiments.registry import GATE_LEASE_S, _bakery
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -477,7 +483,7 @@ def test_a_nan_champion_is_replaced_by_any_finite_challenger(tmp_path):
     import mlflow
 
     from knet.config import load_config
-    from knet.registry import _gate
+    from knet.experiments.registry import _gate
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not an earlier test's

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from knet.checkpoint import load_checkpoint
 from knet.config import load_config
 from knet.data.prepare import prepare
 from knet.data.synth import generate
-from knet.engine import NonFiniteLossError
+from knet.method.checkpoint import load_checkpoint
+from knet.method.engine import NonFiniteLossError
 from knet.training import TrainSetupError, faults, train
 from tests.conftest import TINY_OVERRIDES
 
@@ -258,7 +258,7 @@ def test_an_elastic_group_is_checked_against_its_minimum(data, tmp_path, local_r
 def test_a_resumed_schedule_follows_the_new_group_size():
     import torch
 
-    from knet.optim import build_scheduler
+    from knet.method.optim import build_scheduler
     from knet.training import resume_schedule
 
     cfg = load_config(None, ["optim.lr_steps=[3]", "optim.warmup_iters=0"]).optim
@@ -287,8 +287,8 @@ def untrained_checkpoint(cfg, path: Path) -> Path:
     (seed 0): what tests that need a loadable checkpoint but no learning use."""
     import torch
 
-    from knet.checkpoint import save_checkpoint
     from knet.data.dataset import build_dataset
+    from knet.method.checkpoint import save_checkpoint
     from knet.model import build_model
 
     val = build_dataset(cfg.data, "val", "panoptic", train=False)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from knet.ablation import cell_stats, compare, write_reports
 from knet.config import ConfigError, load_config
-from knet.training import faults
-from knet.tune import (
+from knet.experiments.ablation import cell_stats, compare, write_reports
+from knet.experiments.tune import (
     base_values,
     default_sweep_name,
     grid_axes,
@@ -21,6 +20,7 @@ from knet.tune import (
     trial_config,
     tune,
 )
+from knet.training import faults
 from tests.test_train import make_data, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_grid_errors_name_the_item_and_key(grid, message):
 
 
 def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
-    from knet.tune import command_line_sweep
+    from knet.experiments.tune import command_line_sweep
 
     grid = ["train.epochs=1,2"]
     cfg, notes = command_line_sweep(load_config(ROOT / "params.yaml"), [], grid)
@@ -200,7 +200,7 @@ def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
 
 
 def test_rounds_and_kernels_on_the_command_line_replace_the_params_grid_and_say_so():
-    from knet.tune import command_line_sweep
+    from knet.experiments.tune import command_line_sweep
 
     sets = ["tune.num_stages=[1,2]", "tune.seeds=1"]
     params = load_config(ROOT / "params.yaml", sets)
@@ -223,7 +223,7 @@ def test_grid_items_must_be_key_equals_values():
 def test_a_trial_refuses_to_run_code_other_than_its_sweeps():
     """A trial imports knet afresh when it starts: after an edit of the checkout mid-sweep it
     would train other code than the trials before it, so it fails instead of mixing."""
-    from knet.tune import source_digest, trial_driver
+    from knet.experiments.tune import source_digest, trial_driver
 
     payload = {"source": "0" * 12, "config": {}, "sweep_dir": "/nowhere", "faults": []}
     assert source_digest() != payload["source"]
@@ -512,8 +512,8 @@ def test_sweep_survives_a_killed_and_a_failing_trial_then_restores(
 
 
 def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
+    from knet.experiments.tune import _sweep_state, source_digest, sweep_digest
     from knet.training import TrainSetupError
-    from knet.tune import _sweep_state, source_digest, sweep_digest
 
     cfg = sweep_config(data, tmp_path, "tune.name=mine", "tracking.enabled=false")
     sweep_dir = tmp_path / "tune" / "mine"
@@ -527,7 +527,7 @@ def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
 def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     """`knet tune --set train.epochs=1`: the sweep's own train.epochs=5 must not undo it."""
     from knet.config import load_config
-    from knet.tune import explicit_overrides_win
+    from knet.experiments.tune import explicit_overrides_win
 
     overrides = ["train.epochs=1", "optim.lr_steps=[]"]
     cfg = load_config(ROOT / "params.yaml", overrides)

@@ -1,7 +1,7 @@
 """The ground truth of one image as the metrics read it, and painting it from its RLEs.
 
 A data-layer type: the dataset builds :class:`GroundTruth` records (``PreparedDataset
-.ground_truth``) and :mod:`knet.metrics` scores predictions against them.
+.ground_truth``) and :mod:`knet.method.metrics` scores predictions against them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ The rooms, each a module (imports run downwards only):
 - :mod:`~knet.training.errors`: the errors raised before any work.
 
 A batch goes ``train`` -> ``fit_on_ray`` (or the loop in this process) ->
-``train_loop_per_worker`` -> :func:`knet.engine.train_one_epoch` -> ``train_step``.
+``train_loop_per_worker`` -> :func:`knet.method.engine.train_one_epoch` -> ``train_step``.
 """
 
 from knet.training.cluster import build_trainer, check_placement, check_reachable, connect

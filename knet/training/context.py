@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from knet.checkpoint import load_checkpoint, save_checkpoint
 from knet.config import Config
+from knet.method.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "model.pt"
 

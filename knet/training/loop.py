@@ -1,9 +1,9 @@
 """The training loop of every worker: one loop for Ray Train workers and the in-process run.
 
 :func:`train_loop_per_worker` builds the model, data and optimizer, restores the latest
-checkpoint, runs :func:`knet.engine.train_one_epoch` per epoch, validates, and reports through
-its context (:mod:`knet.training.context`: this process or a Ray Train worker; the loop has no
-mode branches). Faults for tests come from the loop config (:mod:`knet.training.faults`).
+checkpoint, runs :func:`knet.method.engine.train_one_epoch` per epoch, validates, and reports
+through its context (:mod:`knet.training.context`: this process or a Ray Train worker; the loop
+has no mode branches). Faults for tests come from the loop config (:mod:`knet.training.faults`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 
 from knet.config import Config, config_from_dict
 from knet.data.dataset import build_dataset, build_loader
-from knet.engine import EpochSettings, accelerate, train_one_epoch
-from knet.losses import KNetCriterion
-from knet.metrics import accumulate_metrics, gather, summarize
+from knet.method.engine import EpochSettings, accelerate, train_one_epoch
+from knet.method.losses import KNetCriterion
+from knet.method.metrics import accumulate_metrics, gather, summarize
+from knet.method.optim import build_optimizer, build_scheduler
 from knet.model import build_model
-from knet.optim import build_optimizer, build_scheduler
 from knet.training.context import LocalContext, RayContext
 from knet.training.faults import Faults
 from knet.training.run_tracking import finish_tracker, start_tracker

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from knet.config import Config
-from knet.evaluate import evaluate_model
+from knet.evaluation.evaluate import evaluate_model
 from knet.tracking import Tracker, flatten, system_info
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knet.checkpoint import check_checkpoint_output, load_checkpoint
 from knet.config import Config, absolute_paths
 from knet.data.prepare import scale_advice
 from knet.io import check_output_file, dumps, write_output_file
+from knet.method.checkpoint import check_checkpoint_output, load_checkpoint
 from knet.tracking import TrackingUnreachableError, check_tracking_uri, lineage_tags
 from knet.training.cluster import fit_on_ray
 from knet.training.context import LocalContext

@@ -29,7 +29,7 @@ class KNetPyfunc(PythonModel):
     """K-Net behind MLflow's pyfunc interface."""
 
     def load_context(self, context) -> None:
-        from knet.registry import load_model_files
+        from knet.experiments.registry import load_model_files
 
         self.model, self.cfg, self.categories = load_model_files(
             context.artifacts["weights"], context.artifacts["config"]
@@ -38,7 +38,7 @@ class KNetPyfunc(PythonModel):
     # np.ndarray is a hint MLflow infers no schema from (a list of images is taken too); without
     # any hint MLflow warned at every registration that one should be added.
     def predict(self, context, model_input: np.ndarray, params=None):
-        from knet.predict import predict_image, segments_of, semantic_map
+        from knet.evaluation.predict import predict_image, segments_of, semantic_map
 
         task = (params or {}).get("task") or self.cfg.model.task
         # The signature's input is a batch (N, H, W, 3) uint8; one (H, W, 3) image or a list of

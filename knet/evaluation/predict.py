@@ -20,7 +20,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from knet.checkpoint import load_model
 from knet.config import (
     Config,
     TrackingConfig,
@@ -33,13 +32,14 @@ from knet.data.categories import Categories
 from knet.data.dataset import Batch, load_rgb
 from knet.data.layout import IMAGE_SUFFIXES
 from knet.data.transforms import Transform
-from knet.engine import predict_batch
 from knet.io import check_output_dir, dumps, mark_output
-from knet.metrics import semantic_from_panoptic
+from knet.method.checkpoint import load_model
+from knet.method.engine import predict_batch
+from knet.method.metrics import semantic_from_panoptic
+from knet.method.postprocess import PanopticResult
+from knet.method.visualize import instance_overlay, panoptic_overlay, semantic_overlay
 from knet.model import KNet
-from knet.postprocess import PanopticResult
 from knet.tracking import log_output_run
-from knet.visualize import instance_overlay, panoptic_overlay, semantic_overlay
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """MLflow model registry: ``knet promote``, loading by alias, ``knet lineage``.
 
-A registered version is an MLflow pyfunc model logged from code (:mod:`knet.mlflow_model`)
-with two files of its own: ``weights.pt``, a plain state dict read with
-``torch.load(weights_only=True)``, and ``knet.json``, the config and categories it was built
-with. Nothing pickled is needed to load it, here or through ``mlflow.pyfunc.load_model``.
+A registered version is an MLflow pyfunc model logged from code
+(:mod:`knet.experiments.mlflow_model`) with two files of its own: ``weights.pt``, a plain
+state dict read with ``torch.load(weights_only=True)``, and ``knet.json``, the config and
+categories it was built with. Nothing pickled is needed to load it, here or through
+``mlflow.pyfunc.load_model``.
 
 :func:`promote` registers a trained model as a new version of ``registry.name``, aliases it
 ``challenger``, evaluates it **and** the current ``champion`` on the same split with the same
@@ -33,10 +34,10 @@ from typing import Any
 
 import torch
 
-from knet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from knet.config import QUALITY_METRICS, Config, config_from_dict
 from knet.data.categories import Categories
 from knet.io import check_output_file, dumps, write_output_file
+from knet.method.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from knet.model import KNet
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -384,7 +385,7 @@ def model_signature():
 
 def _evaluate(mlflow, client, cfg: Config, name: str, version: str) -> dict[str, float]:
     """Metrics of a registered version (its own files) on the promotion split, with this code."""
-    from knet.evaluate import evaluate_model
+    from knet.evaluation.evaluate import evaluate_model
 
     model, trained, categories = _load_version(mlflow, client.get_model_version(name, version))
     with tempfile.TemporaryDirectory(prefix="knet-promote-eval-") as folder:

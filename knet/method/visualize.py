@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from knet.data.categories import Categories
-from knet.postprocess import InstanceResult, PanopticResult
+from knet.method.postprocess import InstanceResult, PanopticResult
 
 ALPHA = 0.55
 LEGEND_ROW = 14

@@ -2,9 +2,9 @@
 
 The exported program is the model's forward (backbone -> FPN -> fuser -> initial kernels ->
 update rounds), the same :class:`knet.model.KNetOutput` as eager; post-processing stays in
-Python (:mod:`knet.postprocess`). Batch size and image size are dynamic: any batch, heights and
-widths that are multiples of 32 (the padding of ``data.size_divisor``) from 64 to 2048.
-Load it with ``torch.export.load(path).module()`` after ``import knet.export`` (which
+Python (:mod:`knet.method.postprocess`). Batch size and image size are dynamic: any batch,
+heights and widths that are multiples of 32 (the padding of ``data.size_divisor``) from 64 to 2048.
+Load it with ``torch.export.load(path).module()`` after ``import knet.evaluation.export`` (which
 registers the output dataclasses with torch's pytree).
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from knet.checkpoint import load_model
 from knet.io import OutputExistsError
+from knet.method.checkpoint import load_model
 from knet.model.knet import KNetOutput, StageOutput
 
 # Export-time example (batch 2: a batch of 1 would be specialised to 1) and the size range.

@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from knet.checkpoint import load_model
 from knet.config import Config, absolute_paths, load_config
 from knet.data.categories import Categories
 from knet.data.dataset import Batch, PreparedDataset, build_dataset
 from knet.io import atomic_directory, check_output_dir, check_output_file, dumps, write_output_file
-from knet.metrics import accumulate_metrics, as_percent, summarize
+from knet.method.checkpoint import load_model
+from knet.method.metrics import accumulate_metrics, as_percent, summarize
+from knet.method.postprocess import PanopticResult
+from knet.method.visualize import kernel_activation_grid, stage_masks_figure
 from knet.model import KNet, KNetOutput
-from knet.postprocess import PanopticResult
 from knet.tracking import log_output_run
-from knet.visualize import kernel_activation_grid, stage_masks_figure
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from knet.data.groundtruth import GroundTruth, semantic_from_segments
 from knet.data.groundtruth import check_size as _check_size
 from knet.data.groundtruth import paint_segments as _paint
 from knet.data.groundtruth import to_numpy as _to_numpy
-from knet.engine import channels_last_on, run_inference
+from knet.method.engine import channels_last_on, run_inference
+from knet.method.postprocess import InstanceResult, PanopticResult
 from knet.model import KNet, KNetOutput
-from knet.postprocess import InstanceResult, PanopticResult
 from knet.structures import IGNORE_LABEL
 
 

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from knet.config import OptimConfig, PostprocessConfig
 from knet.data.dataset import Batch
-from knet.losses import KNetCriterion
+from knet.method.losses import KNetCriterion
+from knet.method.optim import clip_gradients, step_unless_nonfinite
+from knet.method.postprocess import postprocess
 from knet.model import KNetOutput
-from knet.optim import clip_gradients, step_unless_nonfinite
-from knet.postprocess import postprocess
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

@@ -6,8 +6,8 @@ the kernel update one at a time, Tables 4a, 4c, 4d; rounds x kernels without a g
 ``Tuner`` over :func:`trial_driver` (one trial per grid point: the Tune-over-Train V2 pattern,
 building **the TorchTrainer of** ``knet train`` through
 :func:`knet.training.build_trainer`, with a ``TuneReportCallback``) ->
-:func:`knet.training.train_loop_per_worker` -> :mod:`knet.ablation` (``reports/ablation.{csv,
-md,png}``, logged to the parent run).
+:func:`knet.training.train_loop_per_worker` -> :mod:`knet.experiments.ablation`
+(``reports/ablation.{csv,md,png}``, logged to the parent run).
 
 The sweep's name is derived from the params and from knet's source, so rerunning the same
 command after a crash restores the sweep (``Tuner.restore``): finished trials are not rerun,
@@ -31,9 +31,15 @@ from typing import Any
 
 import yaml
 
-from knet.ablation import check_reports, format_value, hashable, reference_cell, write_reports
 from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
 from knet.data.categories import Categories
+from knet.experiments.ablation import (
+    check_reports,
+    format_value,
+    hashable,
+    reference_cell,
+    write_reports,
+)
 from knet.io import write_json_atomic
 from knet.training import (
     TrainSetupError,
@@ -282,7 +288,7 @@ def default_sweep_name(cfg: Config, digest: str | None = None) -> str:
 
 def source_digest() -> str:
     """Hash of knet's Python source: a code change starts a new sweep instead of mixing."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # knet/, not only knet/experiments/
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())
@@ -359,7 +365,7 @@ def grid_points(
 
 def sweep_cells(cfg: Config, axes: dict[str, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The cells of ``tune.design``; one at a time needs the params' value in every axis."""
-    from knet.ablation import design_cells
+    from knet.experiments.ablation import design_cells
 
     base = base_values(cfg, axes)
     if cfg.tune.design == "one_at_a_time":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from knet.config import LossConfig
-from knet.matcher import HungarianMatcher
+from knet.method.matcher import HungarianMatcher
 from knet.model import KNetOutput
 from knet.structures import IGNORE_LABEL, Targets
 from knet.syncs import to_device
