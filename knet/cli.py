@@ -265,6 +265,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool_sweeps(cfg, files: list[str]) -> int:
+    from knet.experiments.tune import pool
+
+    pooled = pool(cfg, files)
+    print(Path(pooled.reports["md"]).read_text())
+    print(f"pooled {len(pooled.rows)} trials of {len(pooled.sources)} sweeps")
+    for kind, path in pooled.reports.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from knet.experiments.ablation import format_value
     from knet.experiments.tune import command_line_sweep, tune
@@ -272,6 +283,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg, notes = command_line_sweep(_config(args), args.overrides, args.grid)
     for note in notes:
         print(note)
+    if args.pool:
+        return _pool_sweeps(cfg, args.pool)
     sweep = tune(cfg, address=args.address)
     print(Path(sweep.reports["md"]).read_text())
     print(f"sweep {sweep.name}: {len(sweep.rows)} trials in {sweep.seconds} s")
@@ -510,6 +523,15 @@ def _add_training_commands(commands) -> None:
         "(--set tune.design=one_at_a_time to vary one key at a time), e.g. --grid "
         "model.num_stages=1,2,3 model.kernel_interaction=true,false",
     )
+    tune.add_argument(
+        "--pool",
+        nargs="+",
+        default=[],
+        metavar="CSV",
+        help="train nothing: one report (tune.report_dir) over the trials of finished sweeps of "
+        "this grid, read from their ablation.csv, e.g. seeds 0-2 and a sweep with "
+        "--set train.seed=3 tune.seeds=5",
+    )
     tune.set_defaults(func=cmd_tune)
 
 
@@ -675,7 +697,7 @@ COMMAND_HELP: dict[tuple[str, ...], tuple[str, str]] = {
         "--grid), "
         "each trial the TorchTrainer of knet train; writes reports/ablation.{md,csv,png} with "
         "95% intervals and the paired comparison, and one MLflow parent run. Rerunning "
-        "restores the sweep.",
+        "restores the sweep; --pool joins finished sweeps of other seeds into one report.",
         "knet tune --grid model.kernel_updater=adaptive,none --set tune.seeds=3",
     ),
     ("promote",): (

@@ -540,3 +540,78 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     # Without an explicit key nothing is dropped.
     same, none = explicit_overrides_win(load_config(ROOT / "params.yaml"), [])
     assert none == [] and len(same.tune.overrides) == 3
+
+
+# --------------------------------------------------------------- pooling finished sweeps
+
+
+def _sweep_csv(folder: Path, seeds: range, value) -> Path:
+    """An ablation.csv as `knet tune --grid model.num_stages=1,3` writes it, for ``seeds``."""
+    axes = {"model.num_stages": [1, 3]}
+    rows = [_row(s, 16, seed, value(s, seed)) for s in (1, 3) for seed in seeds]
+    return write_reports(rows, folder, metric="val_pq", axes=axes)["csv"]
+
+
+def test_read_rows_gives_back_the_rows_written():
+    from knet.experiments.ablation import read_rows, render_csv
+
+    rows = [_row(1, 8, 0, 40.5, **{"optim.lr_steps": [3]}), _row(3, 8, 1, math.nan, "error")]
+    axes = {"model.num_stages": [1, 3], "optim.lr_steps": [[3]]}
+    path = Path(__import__("tempfile").mkdtemp()) / "ablation.csv"
+    path.write_text(render_csv(rows, axes))
+    back = read_rows(path)
+    assert back[0]["value"] == 40.5 and back[0]["seed"] == 0 and back[0]["optim.lr_steps"] == [3]
+    assert back[1]["status"] == "error" and back[1]["value"] is None
+    assert back[0]["trial_id"] == "t180" and back[0]["num_stages"] == 1
+
+
+def test_tune_pool_joins_sweeps_of_other_seeds_into_one_paired_report(tmp_path, monkeypatch):
+    """Seeds 0-2 and 3-7 of the same grid, pooled: 8 seeds per cell, paired, no training."""
+    from knet.cli import main
+    from knet.experiments.ablation import read_rows
+
+    monkeypatch.chdir(tmp_path)
+    first = _sweep_csv(tmp_path / "a", range(3), lambda s, seed: 40.0 + 3 * s + seed)
+    second = _sweep_csv(tmp_path / "b", range(3, 8), lambda s, seed: 40.0 + 3 * s + seed % 3)
+    grid = ["--grid", "model.num_stages=1,3"]
+    params = ["--params", str(ROOT / "params.yaml"), "--set", "tune.report_dir=pooled"]
+    assert main(["tune", *params, *grid, "--pool", str(first), str(second)]) == 0
+    table = list(csv.DictReader((tmp_path / "pooled" / "ablation.csv").open()))
+    assert sorted({int(r["seed"]) for r in table}) == list(range(8)) and len(table) == 16
+    text = (tmp_path / "pooled" / "ablation.md").read_text()
+    assert "mean ± std over 8 seeds" in text and "(6 trials)" in text and "(10 trials)" in text
+    assert "seeds 0, 1, 2, 3, 4, 5, 6, 7" in text
+    stats = cell_stats(
+        read_rows(tmp_path / "pooled" / "ablation.csv"), {"model.num_stages": [1, 3]}
+    )
+    assert stats[(3,)].mean - stats[(1,)].mean == pytest.approx(6.0)  # paired: +6 every seed
+
+
+def test_tune_pool_refuses_what_would_count_twice_or_lose_a_file(tmp_path, monkeypatch, capsys):
+    from knet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    first = _sweep_csv(tmp_path / "a", range(3), lambda s, seed: 40.0)
+    again = _sweep_csv(tmp_path / "b", range(2, 4), lambda s, seed: 41.0)  # seed 2 twice
+    params = ["--params", str(ROOT / "params.yaml"), "--grid", "model.num_stages=1,3"]
+    out = ["--set", "tune.report_dir=pooled"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    assert main(["tune", *params, *out, "--pool", str(first), str(again)]) == 2
+    assert "has seed 2 of a cell that" in capsys.readouterr().err
+    # Another grid than the sweeps ran: a trial outside its cells.
+    other = ["--params", str(ROOT / "params.yaml"), "--grid", "model.num_stages=2,3", *out]
+    assert main(["tune", *other, "--pool", str(first)]) == 2
+    assert "is not a cell of the grid model.num_stages" in capsys.readouterr().err
+    # Pooling into the folder of an input would replace that input.
+    into = ["--set", f"tune.report_dir={tmp_path / 'a'}"]
+    assert main(["tune", *params, *into, "--pool", str(first)]) == 2
+    assert "the pooled report would replace it" in capsys.readouterr().err
+    assert main(["tune", *params, *out, "--pool", "missing.csv"]) == 2
+    assert "missing.csv: no such file" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert main(["tune", *params, *out, "--pool", "bad.csv"]) == 2
+    assert "not an ablation.csv of knet tune" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {p: b for p, b in after.items() if p.name != "bad.csv"} == before
+    assert not (tmp_path / "pooled").exists()

@@ -306,6 +306,72 @@ def render_csv(rows: Sequence[Mapping[str, Any]], axes: Axes | None = None) -> s
     return buffer.getvalue()
 
 
+# Columns of the csv that hold text; every other cell is read back as YAML (numbers, booleans,
+# lists), as the grid's values were written.
+TEXT_COLUMNS = ("trial_id", "status", "metric", "mlflow_run_id", "checkpoint", "error")
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The trials of an ``ablation.csv`` as rows again (the inverse of :func:`render_csv`).
+
+    Raises ``ValueError`` naming the file and line when it is not such a csv.
+    """
+    import yaml
+
+    path = Path(path)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [
+            c for c in ("trial_id", "status", "seed", "value") if c not in (reader.fieldnames or [])
+        ]
+        if missing:
+            raise ValueError(f"{path}: not an ablation.csv of knet tune (no column {missing[0]})")
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            row: dict[str, Any] = {}
+            for column, text in record.items():
+                if column in TEXT_COLUMNS or text is None:
+                    row[column] = text or None
+                    continue
+                try:
+                    row[column] = yaml.safe_load(text) if text != "" else None
+                except yaml.YAMLError as err:
+                    raise ValueError(f"{path}:{line}: column {column}: {text!r}: {err}") from None
+            if row["status"] not in STATUSES or not isinstance(row["seed"], int):
+                raise ValueError(f"{path}:{line}: a trial needs a status and an integer seed")
+            rows.append(row)
+    return rows
+
+
+def pool_rows(sources: Mapping[str, Sequence[Mapping[str, Any]]], axes: Axes) -> list[dict]:
+    """The trials of several sweeps of the same grid as one sweep's (more seeds per cell).
+
+    ``sources``: a name (the csv's path) -> its rows. A trial outside the grid's cells, or a
+    cell and seed found twice (the same seed would count twice), is refused with both names.
+    """
+    cells = set(cells_of(axes))
+    seen: dict[tuple[CellKey, int], str] = {}
+    pooled = []
+    for name, rows in sources.items():
+        for row in rows:
+            cell = tuple(row_value(row, k) for k in axes)
+            if cell not in cells:
+                point = ", ".join(f"{k}={format_value(v)}" for k, v in zip(axes, cell, strict=True))
+                raise ValueError(
+                    f"{name}: trial {row.get('trial_id')} ({point}) is not a cell of the grid "
+                    f"{', '.join(axes)}; pool sweeps of the same --grid or tune.grid"
+                )
+            key = (cell, row["seed"])
+            if key in seen:
+                raise ValueError(
+                    f"{name}: trial {row.get('trial_id')} has seed {row['seed']} of a cell that "
+                    f"{seen[key]} holds too; pool sweeps of different seeds (train.seed)"
+                )
+            seen[key] = name
+            pooled.append(dict(row))
+    return pooled
+
+
 def render_markdown(
     rows: Sequence[Mapping[str, Any]],
     cells: Mapping[CellKey, Cell],
@@ -572,6 +638,8 @@ __all__ = [
     "cell_stats",
     "compare",
     "reference_cell",
+    "pool_rows",
+    "read_rows",
     "render_csv",
     "render_markdown",
     "write_reports",

@@ -26,6 +26,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import yaml
 from knet.config import Config, ConfigError, absolute_paths, apply_override, config_from_dict
 from knet.data.categories import Categories
 from knet.experiments.ablation import (
+    REPORT_FILES,
     check_reports,
     format_value,
     hashable,
@@ -106,6 +108,71 @@ def tune(
         raise
     rows = [_row(result, sweep) for result in results]
     return _report(sweep, rows, restored, time.perf_counter() - started)
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledReport:
+    """What ``knet tune --pool`` did: the trials of several sweeps as one report."""
+
+    sources: list[str]  # the ablation.csv files read
+    axes: list[str]
+    rows: list[dict[str, Any]]
+    reports: dict[str, str]  # csv / md / png -> path
+    metric: str
+
+
+def pool(cfg: Config, files: Sequence[str | Path], root: str | Path = ".") -> PooledReport:
+    """One report over the trials of finished sweeps of the same grid, read from their
+    ``ablation.csv``: more seeds per cell without rerunning any (e.g. the default sweep's seeds
+    0-2 and a second sweep with ``train.seed=3 tune.seeds=5``). Nothing is trained; the cells,
+    the reference cell and the metric are ``cfg``'s, as for the sweep itself.
+    """
+    from knet.experiments.ablation import pool_rows, read_rows
+
+    root = Path(root).resolve()
+    cfg = absolute_paths(cfg, root)
+    axes, metric = grid_axes(cfg), metric_name(cfg)
+    outputs = {(Path(cfg.tune.report_dir) / name).resolve() for name in REPORT_FILES}
+    sources: dict[str, list[dict[str, Any]]] = {}
+    for file in files:
+        path = root / file
+        if not path.is_file():
+            raise FileNotFoundError(f"knet tune --pool {file}: no such file")
+        if path.resolve() in outputs:
+            raise ValueError(
+                f"knet tune --pool {file}: the pooled report would replace it; pool into "
+                "another folder (--set tune.report_dir=reports/pooled)"
+            )
+        rows = read_rows(path)
+        other = sorted({str(r.get("metric")) for r in rows} - {metric})
+        if other:
+            raise ValueError(f"{file}: its trials are scored by {other[0]}, not {metric}")
+        sources[str(file)] = rows
+    check_reports(cfg.tune.report_dir)  # before anything is written
+    rows = pool_rows(sources, axes)
+    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
+    header = {
+        "pooled from": "; ".join(f"`{name}` ({len(r)} trials)" for name, r in sources.items()),
+        "metric": f"{metric} ({cfg.tune.mode})",
+        "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
+        + f"; seeds {seeds}",
+    }
+    reports = write_reports(
+        rows,
+        cfg.tune.report_dir,
+        metric=metric,
+        axes=axes,
+        reference=reference_cell(axes, base_values(cfg, axes)),
+        header=header,
+        design=cfg.tune.design,
+    )
+    return PooledReport(
+        sources=list(sources),
+        axes=list(axes),
+        rows=rows,
+        reports={k: str(v) for k, v in reports.items()},
+        metric=metric,
+    )
 
 
 @dataclasses.dataclass
