@@ -228,3 +228,31 @@ def test_a_dvc_temporary_workspace_keeps_the_projects_tracking_store(tmp_path):
     assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
     assert cfg.tracking.artifact_location == str(tmp_path / "project" / "mlartifacts")
     assert cfg.data.prepared == str(workspace / "data" / "prepared")  # the experiment's own
+
+
+def test_the_committed_lock_records_the_code_and_params_of_its_stages():
+    """dvc.lock is committed (the data's record): when it still holds an older version of a
+    stage's module or params, a fresh clone's `make pipeline` reruns the stage and leaves the
+    checkout dirty, and every MLflow run it logs says git_dirty. Update it with `dvc repro
+    synth prepare` (or `dvc commit`) when the data stages' code changes."""
+    import hashlib
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stale = []
+    for stage, entry in lock.items():
+        code = {d["path"] for d in entry.get("deps", []) if d["path"].startswith("knet")}
+        wanted = {d for d in stages[stage]["deps"] if d.startswith("knet")}
+        stale += [f"{stage}: {path} (not in the lock)" for path in sorted(wanted - code)]
+        for dep in entry.get("deps", []):
+            path = ROOT / dep["path"]
+            if path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{stage}: {dep['path']}")
+        for key, recorded in entry.get("params", {}).get("params.yaml", {}).items():
+            value = params
+            for part in key.split("."):
+                value = value[part]
+            if value != recorded:
+                stale.append(f"{stage}: params {key}")
+    assert not stale, "dvc.lock is stale: " + ", ".join(stale)
