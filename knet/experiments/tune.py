@@ -154,8 +154,7 @@ def pool(cfg: Config, files: Sequence[str | Path], root: str | Path = ".") -> Po
     header = {
         "pooled from": "; ".join(f"`{name}` ({len(r)} trials)" for name, r in sources.items()),
         "metric": f"{metric} ({cfg.tune.mode})",
-        "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
-        + f"; seeds {seeds}",
+        "grid": grid_text(axes) + f"; seeds {seeds}",
     }
     reports = write_reports(
         rows,
@@ -300,7 +299,7 @@ def _report(sweep: _Sweep, rows: list[dict], restored: bool, seconds: float) -> 
         "time": f"{seconds:.0f} s wall in this invocation (trial times below include earlier ones)"
         if restored
         else _time_split(rows, seconds, sweep.concurrency),
-        "grid": "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
+        "grid": grid_text(axes)
         + design
         + f"; seeds {', '.join(str(p['seed']) for p in _seed_points(sweep.grid))}",
         "per trial": ", ".join(cfg.tune.overrides) or "the params as they are",
@@ -407,6 +406,11 @@ def grid_axes(cfg: Config) -> dict[str, tuple[Any, ...]]:
                 raise ConfigError(f"{where}: {err}") from None
         axes[key] = tuple(values)
     return axes
+
+
+def grid_text(axes: dict[str, tuple[Any, ...]]) -> str:
+    """The axes as the reports' header shows them: ``key = v1, v2; key = ...``."""
+    return "; ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in axes.items())
 
 
 def _yaml_value(value: Any) -> str:

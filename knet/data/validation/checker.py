@@ -193,31 +193,23 @@ class Checker:
         """
         where = f"{path}.{key}" if path else key
         if key not in obj:
-            if required:
-                self.add(
-                    "error",
-                    code,
-                    f"{where} is missing",
-                    file=file,
-                    image_id=image_id,
-                    segment_id=segment_id,
-                    json_path=where,
-                )
-                return False, None
-            return True, None
-        value = obj[key]
-        if not rule.check(value):
-            self.add(
-                "error",
-                code,
-                f"{where} must be {rule.desc} (got {_show(value)})",
-                file=file,
-                image_id=image_id,
-                segment_id=segment_id,
-                json_path=where,
-            )
-            return False, None
-        return True, value
+            if not required:
+                return True, None
+            message = f"{where} is missing"
+        elif rule.check(obj[key]):
+            return True, obj[key]
+        else:
+            message = f"{where} must be {rule.desc} (got {_show(obj[key])})"
+        self.add(
+            "error",
+            code,
+            message,
+            file=file,
+            image_id=image_id,
+            segment_id=segment_id,
+            json_path=where,
+        )
+        return False, None
 
     def structure_error(
         self, message: str, path: str, file: Path, image_id: int | None = None
