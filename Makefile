@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install test test-fast lint format lock clean bench mlflow-ui pipeline servers stop-servers
+.PHONY: install test test-fast lint format lock data-lock clean bench mlflow-ui pipeline servers stop-servers
 
 install: $(STAMP)
 
@@ -32,9 +32,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# ruff, and the committed dvc.lock against the data stages' code (CI fails on a stale one).
 lint: install
 	$(BIN)/ruff check knet pipelines tests benchmarks
 	$(BIN)/ruff format --check knet pipelines tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_dvc.py -k committed_lock
+
+# After an edit of the synth or prepare code: rerun those stages so dvc.lock records it (seconds).
+data-lock: install
+	$(BIN)/dvc repro synth prepare
 
 format: install
 	$(BIN)/ruff format knet pipelines tests benchmarks

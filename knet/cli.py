@@ -141,9 +141,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         return 1
     out = args.out or cfg.data.prepared
     for split, info in manifest.splits.items():
+        seconds = manifest.seconds.get(split, 0.0)
+        rate = f"{info['images'] / seconds:.1f} img/s" if seconds else "-"
         print(
             f"{split}: {info['images']} images, {info['segments']} segments, "
-            f"{len(info['skipped'])} problems skipped, {info['images_per_second']} img/s"
+            f"{len(info['skipped'])} problems skipped, {rate}"
         )
     print(f"wrote {out} (content hash {manifest.content_hash[:12]})")
     advice = scale_advice(manifest.splits[cfg.data.train_split], cfg.data.test_size)

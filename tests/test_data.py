@@ -229,7 +229,23 @@ def test_lenient_prepare_skips_bad_images_and_records_them(tmp_path):
     assert split["images"] == 1
     assert any("000000142238" in s for s in split["skipped"])
     saved = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
-    assert saved == json_safe(manifest)  # the file holds the result's fields
+    assert saved == json_safe(manifest.manifest_json())  # the file holds the result's fields
+    assert set(manifest.seconds) == set(manifest.splits) and "seconds" not in saved
+
+
+def test_preparing_the_same_data_twice_writes_the_same_bytes(tmp_path):
+    """No timing or other run-dependent value in the prepared files: DVC hashes them, and a
+    rerun that changed bytes would make every later stage (training) rerun."""
+    cfg = sample_config(tmp_path)
+    first = prepare(cfg.data, progress=False)
+    prepared = tmp_path / "prepared"
+    before = {p.relative_to(prepared): p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    shutil.rmtree(prepared)
+    second = prepare(cfg.data, progress=False)
+    after = {p.relative_to(prepared): p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    assert Path("manifest.json") in before
+    assert before == after
+    assert first == second  # timing is not compared
 
 
 def test_interrupted_prepare_leaves_no_partial_folder(tmp_path, monkeypatch):

@@ -233,8 +233,9 @@ def test_a_dvc_temporary_workspace_keeps_the_projects_tracking_store(tmp_path):
 def test_the_committed_lock_records_the_code_and_params_of_its_stages():
     """dvc.lock is committed (the data's record): when it still holds an older version of a
     stage's module or params, a fresh clone's `make pipeline` reruns the stage and leaves the
-    checkout dirty, and every MLflow run it logs says git_dirty. Update it with `dvc repro
-    synth prepare` (or `dvc commit`) when the data stages' code changes."""
+    checkout dirty, and every MLflow run it logs says git_dirty. Update it with `make
+    data-lock` (`dvc repro synth prepare`) when the data stages' code changes; `make lint` runs
+    this check."""
     import hashlib
 
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
@@ -255,4 +256,4 @@ def test_the_committed_lock_records_the_code_and_params_of_its_stages():
                 value = value[part]
             if value != recorded:
                 stale.append(f"{stage}: params {key}")
-    assert not stale, "dvc.lock is stale: " + ", ".join(stale)
+    assert not stale, "dvc.lock is stale (run `make data-lock`, commit it): " + ", ".join(stale)

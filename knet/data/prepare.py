@@ -84,8 +84,6 @@ class SplitSummary:
             "thing_sizes": _quantiles(self.thing_sizes),
             "skipped": self.skipped,
             "notes": self.notes,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images / self.seconds, 1) if self.seconds else None,
         }
 
 
@@ -99,6 +97,19 @@ class PreparedData:
     index_version: int
     splits: dict[str, dict[str, Any]]  # split -> images, segments, skipped problems, ...
     content_hash: str  # of every prepared file (what `dvc` and the lineage tags pin)
+    # Wall seconds per split. Not written to manifest.json: the same raw data and code must give
+    # the same bytes, or DVC sees a new `data/prepared` on every rerun and retrains.
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def manifest_json(self) -> dict[str, Any]:
+        """The fields ``manifest.json`` holds (everything but the timing)."""
+        return {
+            "format": self.format,
+            "raw": self.raw,
+            "index_version": self.index_version,
+            "splits": self.splits,
+            "content_hash": self.content_hash,
+        }
 
 
 def prepare(
@@ -134,6 +145,7 @@ def prepare(
             raise DatasetValidationError(report)
         reports[split] = report
     prepared: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
     with atomic_directory(out, "prepared") as tmp:
         for split in splits:
             summary = prepare_split(
@@ -144,6 +156,7 @@ def prepare(
                 progress=progress,
             )
             prepared[split] = summary.to_json()
+            seconds[split] = summary.seconds
             _refuse_empty(summary, split, cfg)
         manifest = PreparedData(
             format=cfg.format,
@@ -151,8 +164,9 @@ def prepare(
             index_version=INDEX_VERSION,
             splits=prepared,
             content_hash=content_hash(tmp),
+            seconds=seconds,
         )
-        (tmp / "manifest.json").write_text(dumps(manifest, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(dumps(manifest.manifest_json(), indent=2) + "\n")
     return manifest
 
 
