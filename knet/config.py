@@ -62,8 +62,14 @@ class SynthConfig:
     # (appearance is a cue, as in real data); "random" = uniform RGB, so only the shape tells
     # the class (a much harder variant for models trained from scratch).
     thing_colors: Literal["class", "random"] = "class"
+    # Probability that a thing (after the first) is drawn touching an earlier thing of the same
+    # class, slightly overlapping it: the neighbours a mask must tell apart, which K-Net's
+    # kernel-update rounds are for (0 = independent placement; the same images as before).
+    touching: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.touching <= 1.0:
+            raise ConfigError(f"data.synth.touching must be in [0, 1], got {self.touching}")
         if self.min_instances > self.max_instances:
             raise ConfigError(
                 f"data.synth.min_instances ({self.min_instances}) must not exceed "

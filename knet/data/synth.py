@@ -286,12 +286,13 @@ def _jittered(rng: np.random.Generator, base: Sequence[float]) -> np.ndarray:
 
 
 def _draw_things(
-    rng: np.random.Generator, size: int, count: int, thing_colors: str
+    rng: np.random.Generator, size: int, count: int, thing_colors: str, touching: float = 0.0
 ) -> tuple[np.ndarray, list[_Shape]]:
     """Draw ``count`` random shapes in order; returns the owner map (0 = none) and the shapes.
 
     ``owner[y, x] = k`` means shape ``k - 1`` is the frontmost one there (later shapes occlude
-    earlier ones).
+    earlier ones). With probability ``touching`` a shape after the first takes the class of a
+    random earlier one and is placed against it (centres 0.75-0.95 of the summed radii apart).
     """
     owner = np.zeros((size, size), dtype=np.int16)
     shapes: list[_Shape] = []
@@ -299,6 +300,14 @@ def _draw_things(
         category_id = int(rng.choice(_THING_IDS))
         radius = 0.5 * size * rng.uniform(_MIN_EXTENT, _MAX_EXTENT)
         cx, cy = (float(v) for v in rng.uniform(0.05 * size, 0.95 * size, size=2))
+        # No random number is drawn for this at touching = 0: the default data stay the same.
+        if touching > 0.0 and shapes and rng.random() < touching:
+            neighbour = shapes[int(rng.integers(len(shapes)))]
+            category_id = neighbour.category_id
+            angle = rng.uniform(0.0, 2.0 * math.pi)
+            distance = (neighbour.radius + radius) * rng.uniform(0.75, 0.95)
+            cx = float(np.clip(neighbour.center[0] + distance * math.cos(angle), 0, size - 1))
+            cy = float(np.clip(neighbour.center[1] + distance * math.sin(angle), 0, size - 1))
         rotation = rng.uniform(0.0, 2.0 * math.pi)
         hole = rng.uniform(0.4, 0.65)
         box, mask = _shape_mask(_NAMES[category_id], size, cx, cy, radius, rotation, hole)
@@ -343,7 +352,7 @@ def _render_sample(seed_seq: np.random.SeedSequence, cfg: SynthConfig) -> _Sampl
 
     # Redraw the things (a few times at most) if they would hide a whole stuff band.
     for _attempt in range(_LAYOUT_ATTEMPTS):
-        owner, shapes = _draw_things(rng, size, count, cfg.thing_colors)
+        owner, shapes = _draw_things(rng, size, count, cfg.thing_colors, cfg.touching)
         background = owner == 0
         stuff_masks = [(bands == b) & background for b in range(len(stuff_ids))]
         if min(int(np.count_nonzero(m)) for m in stuff_masks) >= MIN_VISIBLE_PIXELS:
