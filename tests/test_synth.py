@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from knet.config import DataConfig, SynthConfig
+from knet.config import ConfigError, DataConfig, SynthConfig
 from knet.data import synth
 from knet.data.layout import dataset_paths
 
@@ -234,6 +234,37 @@ def test_random_thing_colours_leave_only_the_shape(tmp_path):
     synth.generate(tmp_path / "raw", cfg, progress=False)
     spreads = [np.ptp(np.stack(c), axis=0).max() for c in _thing_colours(tmp_path / "raw").values()]
     assert max(spreads) > 60  # the same shape class appears in clearly different colours
+
+
+def _touching_same_class_pairs(root: Path) -> tuple[int, int]:
+    """(pairs of same-class thing segments that share an edge, things) over the train split."""
+    paths, panoptic, _ = _load(root, DATA.train_split)
+    thing = {c["id"] for c in panoptic["categories"] if c["isthing"]}
+    pairs = things = 0
+    for ann in panoptic["annotations"]:
+        ids = _panoptic_ids(paths.panoptic_dir / ann["file_name"])
+        segs = [s for s in ann["segments_info"] if s["category_id"] in thing]
+        things += len(segs)
+        for i, a in enumerate(segs):
+            grown = ids == a["id"]
+            grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0)
+            grown = grown | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
+            for b in segs[i + 1 :]:
+                pairs += b["category_id"] == a["category_id"] and bool(
+                    (grown & (ids == b["id"])).any()
+                )
+    return pairs, things
+
+
+def test_touching_draws_same_class_neighbours(tmp_path):
+    cfg = dataclasses.replace(CFG, train_images=12, val_images=1)
+    synth.generate(tmp_path / "apart", cfg, progress=False)
+    synth.generate(tmp_path / "touch", dataclasses.replace(cfg, touching=1.0), progress=False)
+    apart, things = _touching_same_class_pairs(tmp_path / "apart")
+    touch, _ = _touching_same_class_pairs(tmp_path / "touch")
+    assert touch >= max(3 * apart, things // 3)  # most things sit against one of their class
+    with pytest.raises(ConfigError, match="data.synth.touching"):
+        SynthConfig(touching=1.5)
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path, dataset):
