@@ -8,6 +8,7 @@ import math
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from knet.config import ConfigError, load_config
@@ -153,7 +154,7 @@ def test_one_at_a_time_reports_one_table_per_key_and_compare_with_the_reference(
     assert "| | 21.0 ± 1.0 | 51.0 ± 1.0 | 52.0 ± 1.0 |" in text
     assert "| kernels | 8 | 16* |" in text
     line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 16 |"))
-    assert "-30.0" in line and line.rstrip().endswith("| yes |")
+    assert "-30.0" in line and line.rstrip().endswith("| yes | 0 / 3 | 0.250 |")
     assert "rounds 1, kernels 8" not in text  # no cell off the reference on two keys
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -324,9 +325,27 @@ def test_cells_carry_95_percent_intervals_and_pair_with_the_reference_by_seed(tm
     assert "against rounds 3, kernels 16 (paired by seed)" in text
     assert "| rounds 3, kernels 16 (reference) | 4 | 50.5 ± 1.3 |" in text
     line = next(t for t in text.splitlines() if t.startswith("| rounds 4, kernels 16 |"))
-    assert "+4.6" in line and line.rstrip().endswith("| yes |")
+    assert "+4.6" in line and line.rstrip().endswith("| yes | 4 / 0 | 0.125 |")
     line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 16 |"))
-    assert line.rstrip().endswith("| no |")
+    noisy_rank = stats.wilcoxon(np.subtract(noisy, reference)).pvalue
+    assert line.rstrip().endswith(f"| no | 2 / 2 | {noisy_rank:.3f} |")
+
+
+def test_a_collapse_on_one_seed_is_one_rank_in_the_signed_rank_test():
+    """One round loses to three on every one of 6 seeds, once by a collapse: the t interval is
+    wide (not significant), the signed-rank test counts six losses (p = 2 / 2^6)."""
+    from scipy import stats
+
+    three = [52.5, 49.9, 52.0, 46.8, 45.3, 46.8]
+    one = [15.4, 48.8, 48.1, 43.7, 42.4, 44.8]
+    rows = [_row(3, 16, s, v) for s, v in enumerate(three)]
+    rows += [_row(1, 16, s, v) for s, v in enumerate(one)]
+    cells = cell_stats(rows, {"model.num_stages": [1, 3], "model.num_kernels": [16]})
+    diff = compare(cells[1, 16], cells[3, 16])
+    assert (diff.better, diff.worse) == (0, 6)
+    assert not diff.significant and diff.p_value > 0.1
+    assert diff.rank_p_value == pytest.approx(2 / 2**6)
+    assert diff.rank_p_value == pytest.approx(stats.wilcoxon(np.subtract(one, three)).pvalue)
 
 
 def test_a_one_seed_sweep_shows_the_bootstrap_interval_over_images(tmp_path):
@@ -341,7 +360,8 @@ def test_a_one_seed_sweep_shows_the_bootstrap_interval_over_images(tmp_path):
     text = paths["md"].read_text()
     assert "| rounds 3, kernels 8 (reference) | 1 | 50.0 ± 0.0 | [46.0, 53.0] b |" in text
     line = next(t for t in text.splitlines() if t.startswith("| rounds 1, kernels 8 |"))
-    assert "[35.5, 44.2] b" in line and "-10.0" in line and line.rstrip().endswith("(1 seed) |")
+    assert "[35.5, 44.2] b" in line and "-10.0" in line
+    assert line.rstrip().endswith("(1 seed) | 0 / 1 | — |")
     with paths["csv"].open() as handle:
         assert [r["value_low"] for r in csv.DictReader(handle)] == ["35.5", "46.0"]
 
