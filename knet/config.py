@@ -68,8 +68,6 @@ class SynthConfig:
     touching: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.touching <= 1.0:
-            raise ConfigError(f"data.synth.touching must be in [0, 1], got {self.touching}")
         if self.min_instances > self.max_instances:
             raise ConfigError(
                 f"data.synth.min_instances ({self.min_instances}) must not exceed "
@@ -532,6 +530,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.synth.min_instances": (0, 50),
     "data.synth.max_instances": (0, 50),
     "data.synth.noise": (0.0, 1.0),
+    "data.synth.touching": (0.0, 1.0),
     "data.size_divisor": (1, 1024),
     "data.crop_size": (1, 100_000),
     "data.num_workers": (0, 256),

@@ -26,7 +26,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,9 @@ class PreparedData:
 
     def manifest_json(self) -> dict[str, Any]:
         """The fields ``manifest.json`` holds (everything but the timing)."""
-        return {
-            "format": self.format,
-            "raw": self.raw,
-            "index_version": self.index_version,
-            "splits": self.splits,
-            "content_hash": self.content_hash,
-        }
+        fields = asdict(self)
+        del fields["seconds"]
+        return fields
 
 
 def prepare(
