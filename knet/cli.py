@@ -250,7 +250,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from knet.training import train
 
-    result = train(_config(args), run_name=args.run_name, address=args.address)
+    result = train(
+        _config(args), run_name=args.run_name, address=args.address, progress=not args.quiet
+    )
     shown = {k: v for k, v in result.final.items() if k.startswith("val_") or k == "loss"}
     print(f"run {result.run_name}: {result.epochs} epochs in {result.seconds} s")
     print(dumps(shown, indent=2))
@@ -505,6 +507,7 @@ def _add_training_commands(commands) -> None:
         "--run-name",
         help="run name (default: train.run_name, else derived from the params, so reruns resume)",
     )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
     tune = commands.add_parser(

@@ -296,3 +296,17 @@ def untrained_checkpoint(cfg, path: Path) -> Path:
     model = build_model(cfg.model, val.categories.num_things, val.categories.num_stuff)
     save_checkpoint(path, model, cfg, val.categories, epoch=0)
     return path
+
+
+def test_quiet_training_draws_no_progress_bar_and_keeps_the_epoch_lines(data, tmp_path, capfd):
+    """`knet train --quiet` (and every `knet tune` trial): no bars, whose lines a sweep's
+    trials would stream through Ray's log monitor ten times a second each."""
+    from knet.cli import main
+
+    sets = run_overrides(data, tmp_path, "train.num_workers=0", "train.epochs=1")
+    sets.append("tracking.enabled=false")
+    for quiet, bars in (([], True), (["--quiet"], False)):
+        assert main(["train", "--params", str(ROOT / "params.yaml"), *quiet, "--set", *sets]) == 0
+        out, err = capfd.readouterr()
+        assert ("batch/s" in err or "s/batch" in err) is bars, err
+        assert "epoch 1/1  loss" in out + err, out + err

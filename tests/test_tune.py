@@ -50,7 +50,7 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (5, 8, 8)
     assert trial.train.eval_every == 1  # schedulers compare trials at every report
     assert trial.train.epochs == 6 and trial.optim.lr_steps == (5,)  # params.yaml's overrides
-    assert trial.train.cpus_per_worker == 1
+    assert trial.train.cpus_per_worker == 1 and trial.data.num_workers == 0
     assert trial.train.storage_path == "/sweep/train"
     assert trial.model.channels == cfg.model.channels  # everything else as in the params
 
@@ -197,7 +197,8 @@ def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
         ["tune.design=one_at_a_time"],
         ["model.num_stages=1,3", "model.num_kernels=8,16"],
     )
-    assert kept.tune.design == "one_at_a_time" and len(grid_points(kept)) == 3 * 3
+    assert kept.tune.design == "one_at_a_time"
+    assert len(grid_points(kept)) == 3 * kept.tune.seeds  # 3 cells
 
 
 def test_rounds_and_kernels_on_the_command_line_replace_the_params_grid_and_say_so():
@@ -554,7 +555,7 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     assert any(o.startswith("train.epochs=") for o in cfg.tune.overrides)
     cfg, dropped = explicit_overrides_win(cfg, overrides)
     assert dropped == ["train.epochs=6", "optim.lr_steps=[5]"]
-    assert cfg.tune.overrides == ("train.cpus_per_worker=1",)
+    assert cfg.tune.overrides == ("train.cpus_per_worker=1", "data.num_workers=0")
     trial = trial_config(cfg, {"model.num_stages": 1, "model.num_kernels": 8, "seed": 0}, tmp_path)
     assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
     # Without an explicit key nothing is dropped.

@@ -696,6 +696,9 @@ def trial_driver(config: dict[str, int], payload: dict[str, Any]) -> None:
         "extra_params": {**{k: str(v) for k, v in short.items()}, "seed": str(point["seed"])},
         "kernel_maps": False,
         "label": _point_name(point),
+        # No progress bars: several trials' bars, 10 lines a second each streamed through
+        # Ray's log monitor to this driver, cost the trials CPU; the epoch lines remain.
+        "progress": False,
         "faults": faults.for_trial(payload["faults"], names),
     }
     trainer = build_trainer(loop_config, cfg, f"trial-{trial_id}", [TuneReportCallback()])

@@ -33,12 +33,15 @@ def train_loop_per_worker(
 
     ``loop_config`` holds the config, the run name, MLflow tags (``knet tune`` adds the parent
     run's id), optional ``extra_params`` for MLflow, ``kernel_maps`` (log the kernel pictures at
-    the end; default true), ``label`` (a prefix for the epoch lines) and ``faults`` (tests).
+    the end; default true), ``label`` (a prefix for the epoch lines), ``progress`` (rank 0's
+    progress bar; default true) and ``faults`` (tests).
     ``ctx`` is None in a Ray Train worker (Ray calls the loop with the config only).
     """
     began = time.perf_counter()
     ctx = ctx or RayContext()
-    run, state = _build(config_from_dict(loop_config["config"]), ctx)
+    run, state = _build(
+        config_from_dict(loop_config["config"]), ctx, loop_config.get("progress", True)
+    )
     cfg = run.cfg
     # Where every rank runs (node id, host address), for the summary.
     placed = ctx.all_gather((ctx.node_id(), ctx.host()))
@@ -94,8 +97,9 @@ class _Run:
     settings: EpochSettings  # its device is the run's
 
 
-def _build(cfg: Config, ctx: LocalContext) -> tuple[_Run, dict[str, Any]]:
-    """The model, data, optimizer and schedule of this worker, at the restored checkpoint."""
+def _build(cfg: Config, ctx: LocalContext, progress: bool) -> tuple[_Run, dict[str, Any]]:
+    """The model, data, optimizer and schedule of this worker, at the restored checkpoint;
+    ``progress``: rank 0 draws its progress bar."""
     device = ctx.setup(cfg)
     torch.manual_seed(cfg.train.seed + ctx.rank)
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.task, train=True)
@@ -131,7 +135,7 @@ def _build(cfg: Config, ctx: LocalContext) -> tuple[_Run, dict[str, Any]]:
             optim=cfg.optim,
             device=device,
             amp=cfg.train.amp,
-            progress=ctx.rank == 0,
+            progress=progress and ctx.rank == 0,
             max_bad_steps=cfg.train.max_bad_steps,
             channels_last=channels_last,
         ),

@@ -54,6 +54,7 @@ def train(
     root: str | Path = ".",
     run_name: str | None = None,
     address: str | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train ``cfg`` on Ray Train (or in-process with ``train.num_workers=0``).
 
@@ -61,6 +62,7 @@ def train(
         root: project root; relative paths in ``cfg`` are taken from here.
         run_name: overrides ``train.run_name``; the same name resumes the same run.
         address: a Ray cluster to join (``auto`` or ``host:port``); None starts a local one.
+        progress: rank 0 draws a progress bar per epoch (the epoch lines show either way).
 
     Returns:
         The :class:`TrainResult`: run name, epochs, final metrics, checkpoint, MLflow run id,
@@ -80,6 +82,7 @@ def train(
         "config": cfg.to_dict(),
         "run_name": run_name,
         "tags": tags,
+        "progress": progress,
         "faults": from_environment(),  # tests only; {} in every normal run
     }
     start = time.perf_counter()
