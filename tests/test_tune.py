@@ -559,8 +559,10 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     trial = trial_config(cfg, {"model.num_stages": 1, "model.num_kernels": 8, "seed": 0}, tmp_path)
     assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
     # Without an explicit key nothing is dropped.
-    same, none = explicit_overrides_win(load_config(ROOT / "params.yaml"), [])
-    assert none == [] and len(same.tune.overrides) == 3
+    params = load_config(ROOT / "params.yaml")
+    same, none = explicit_overrides_win(params, [])
+    assert none == [] and same.tune.overrides == params.tune.overrides
+    assert len(same.tune.overrides) == 4
 
 
 # --------------------------------------------------------------- pooling finished sweeps
