@@ -303,8 +303,9 @@ def test_quiet_training_draws_no_progress_bar_and_keeps_the_epoch_lines(data, tm
     trials would stream through Ray's log monitor ten times a second each."""
     from knet.cli import main
 
-    sets = run_overrides(data, tmp_path, "train.num_workers=0", "train.epochs=1")
-    sets.append("tracking.enabled=false")
+    sets = run_overrides(
+        data, tmp_path, "train.num_workers=0", "train.epochs=1", "tracking.enabled=false"
+    )
     for quiet, bars in (([], True), (["--quiet"], False)):
         assert main(["train", "--params", str(ROOT / "params.yaml"), *quiet, "--set", *sets]) == 0
         out, err = capfd.readouterr()
