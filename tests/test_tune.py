@@ -40,6 +40,8 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
             "tune.num_kernels=[8,16]",
             "tune.seeds=2",
             "train.seed=7",
+            "train.epochs=3",  # a single run's schedule: the sweep's overrides replace it
+            "optim.lr_steps=[2]",
         ],
     )
     points = grid_points(cfg)
@@ -49,7 +51,7 @@ def test_grid_is_rounds_by_kernels_by_seeds_and_trials_get_the_point():
     trial = trial_config(cfg, {"num_stages": 5, "num_kernels": 8, "seed": 8}, Path("/sweep"))
     assert (trial.model.num_stages, trial.model.num_kernels, trial.train.seed) == (5, 8, 8)
     assert trial.train.eval_every == 1  # schedulers compare trials at every report
-    assert trial.train.epochs == 6 and trial.optim.lr_steps == (5,)  # params.yaml's overrides
+    assert trial.train.epochs == 8 and trial.optim.lr_steps == (6,)  # params.yaml's overrides
     assert trial.train.cpus_per_worker == 1 and trial.data.num_workers == 0
     assert trial.train.storage_path == "/sweep/train"
     assert trial.model.channels == cfg.model.channels  # everything else as in the params
@@ -78,6 +80,7 @@ def test_a_grid_over_any_keys_sets_them_in_each_trial():
         "data.min_size=[96],[112,144]",
     ]
     sets = ["tune.seeds=2", f"tune.grid={json.dumps(grid)}", "tune.design=product"]
+    sets.append("train.epochs=3")  # a single run's: tune.overrides replace it in the trials
     cfg = load_config(ROOT / "params.yaml", sets)
     axes = grid_axes(cfg)
     assert axes == {
@@ -98,7 +101,7 @@ def test_a_grid_over_any_keys_sets_them_in_each_trial():
     assert (trial.model.num_stages, trial.model.kernel_interaction) == (3, False)
     assert trial.data.min_size == (112, 144) and trial.train.seed == 1
     assert trial.model.num_kernels == cfg.model.num_kernels  # not swept: the params' value
-    assert trial.train.epochs == 6  # tune.overrides still apply
+    assert trial.train.epochs == 8  # tune.overrides still apply
     # the reference cell is the params' own values (after tune.overrides)
     assert base_values(cfg, axes) == {
         "model.num_stages": 3,
@@ -188,7 +191,7 @@ def test_a_grid_key_given_on_the_command_line_wins_over_tune_overrides():
 
     grid = ["train.epochs=1,2"]
     cfg, notes = command_line_sweep(load_config(ROOT / "params.yaml"), [], grid)
-    assert notes[0] == "--set / --grid win over tune.overrides: not applying train.epochs=6"
+    assert notes[0] == "--set / --grid win over tune.overrides: not applying train.epochs=8"
     assert grid_axes(cfg) == {"train.epochs": (1, 2)}
     # a command-line grid is a grid: every combination, unless --set tune.design says otherwise
     assert cfg.tune.design == "product" and "tune.design product" in notes[1]
@@ -546,7 +549,7 @@ def test_a_reused_sweep_name_with_other_params_is_refused(data, tmp_path):
 
 
 def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
-    """`knet tune --set train.epochs=1`: the sweep's own train.epochs=5 must not undo it."""
+    """`knet tune --set train.epochs=1`: the sweep's own train.epochs=8 must not undo it."""
     from knet.config import load_config
     from knet.experiments.tune import explicit_overrides_win
 
@@ -554,7 +557,7 @@ def test_an_explicit_set_wins_over_tune_overrides(tmp_path):
     cfg = load_config(ROOT / "params.yaml", overrides)
     assert any(o.startswith("train.epochs=") for o in cfg.tune.overrides)
     cfg, dropped = explicit_overrides_win(cfg, overrides)
-    assert dropped == ["train.epochs=6", "optim.lr_steps=[5]"]
+    assert dropped == ["train.epochs=8", "optim.lr_steps=[6]"]
     assert cfg.tune.overrides == ("train.cpus_per_worker=1", "data.num_workers=0")
     trial = trial_config(cfg, {"model.num_stages": 1, "model.num_kernels": 8, "seed": 0}, tmp_path)
     assert (trial.train.epochs, trial.optim.lr_steps, trial.train.cpus_per_worker) == (1, (), 1.0)
