@@ -94,3 +94,22 @@ def test_a_ray_training_prints_one_line_per_epoch_and_no_repeated_warnings(tmp_p
         assert noise not in log, noise
     for epoch in ("epoch 1/2 ", "epoch 2/2 "):
         assert sum(epoch in line for line in log.splitlines()) == 1, log[-3000:]
+
+
+def test_the_worker_hook_drops_ray_trains_own_deprecation_warning_and_no_other():
+    """Ray Train's controller trips a Ray Data deprecation (2 lines per trial of a sweep)."""
+    import warnings
+
+    from knet.training.cluster import quiet_ray_worker
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_ray_worker()
+        warnings.warn(
+            "`ExecutionOptions.exclude_resources` is deprecated and will be removed after "
+            "January 2027. Use `ExecutionOptions.label_selector` to constrain Ray Data work.",
+            DeprecationWarning,
+            stacklevel=1,
+        )
+        warnings.warn("`ExecutionOptions.other` is deprecated", DeprecationWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["`ExecutionOptions.other` is deprecated"]
