@@ -7,6 +7,7 @@ import ipaddress
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import psutil
@@ -98,8 +99,6 @@ def test_a_ray_training_prints_one_line_per_epoch_and_no_repeated_warnings(tmp_p
 
 def test_the_worker_hook_drops_ray_trains_own_deprecation_warning_and_no_other():
     """Ray Train's controller trips a Ray Data deprecation (2 lines per trial of a sweep)."""
-    import warnings
-
     from knet.training.cluster import quiet_ray_worker
 
     with warnings.catch_warnings(record=True) as caught:
